@@ -1,0 +1,5 @@
+import sys
+
+from mlsae.cli import main
+
+sys.exit(main())

@@ -1,0 +1,144 @@
+"""The `mlsae` command. Each subcommand is a thin wrapper over a Python function.
+
+Options are generated from the config dataclasses: a field's docstring is its --help text
+and its default is the only default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import MISSING, fields
+
+from simple_parsing.docstring import get_attribute_docstring
+
+from mlsae import config as C
+from mlsae.errors import TrainingDiverged, UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, no usage dump
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _field_type(f) -> tuple[type, bool]:
+    """(base type, is bool) from an annotation string such as 'float | None'."""
+    ann = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    base = ann.replace(" ", "").split("|")[0]
+    table = {"int": int, "float": float, "str": str, "bool": bool}
+    if base not in table:
+        raise TypeError(f"unsupported option type {ann}")
+    return table[base], base == "bool"
+
+
+def _number(kind: type):
+    def parse(text: str):
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if kind is int:
+            if v != int(v):
+                raise argparse.ArgumentTypeError(f"not an integer: {text!r}")
+            return int(v)
+        return v
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def add_dataclass_options(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()):
+    """One --flag per field; defaults are SUPPRESSed so we know which flags were given."""
+    group = parser.add_argument_group(cls.__name__, (cls.__doc__ or "").strip())
+    for f in fields(cls):
+        if f.name in skip:
+            continue
+        kind, is_bool = _field_type(f)
+        doc = " ".join((get_attribute_docstring(cls, f.name).docstring_below or "").split())
+        default = f.default if f.default is not MISSING else None
+        help_text = f"{doc} (default: {default})".replace("%", "%%")
+        flag = "--" + f.name.replace("_", "-")
+        if is_bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction,
+                               default=argparse.SUPPRESS, help=help_text)
+        else:
+            typ = _number(kind) if kind in (int, float) else kind
+            group.add_argument(flag, type=typ, default=argparse.SUPPRESS, help=help_text,
+                               metavar=f.name.upper())
+
+
+def build_config(cls, given: dict):
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in given.items() if k in names})
+
+
+# ---- subcommands ------------------------------------------------------------------------
+def _cmd_train(args: argparse.Namespace) -> int:
+    from mlsae.train import RunConfig, train
+
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "func", "resume")}
+    resume = getattr(args, "resume", None)
+    cfg = None
+    if resume is None:
+        cfg = RunConfig(build_config(C.SAEConfig, given), build_config(C.DataConfig, given),
+                        build_config(C.TrainConfig, given))
+    result = train(cfg, resume=resume, given=given)
+    run_dir = result["run_dir"]
+    if not result["finished"]:
+        print(f"interrupted: checkpoint saved; continue with: mlsae train --resume {run_dir}",
+              file=sys.stderr)
+        return 130
+    print(f"run folder: {run_dir}")
+    if result["summary"] is not None:
+        print(format_layer_table(result["summary"]))
+    return 0
+
+
+def format_layer_table(summary: dict) -> str:
+    pl = summary["per_layer"]
+    lines = [f"held-out tokens: {summary['tokens']}  dead fraction: "
+             f"{summary['dead_fraction']:.3f}",
+             f"{'layer':>5} {'FVU':>8} {'MSE':>10} {'L0':>7} {'alive':>7}"]
+    for i, layer in enumerate(summary["layers"]):
+        lines.append(f"{layer:>5} {pl['fvu'][i]:>8.4f} {pl['mse'][i]:>10.4g} "
+                     f"{pl['l0'][i]:>7.2f} {pl['alive'][i]:>7d}")
+    m = summary["mean"]
+    lines.append(f"{'mean':>5} {m['fvu']:>8.4f} {m['mse']:>10.4g} {m['l0']:>7.2f}")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="mlsae", description="Multi-layer sparse autoencoders: train one "
+                     "TopK SAE on the residual stream of every layer of a causal LM.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("train", help="train (or resume) a multi-layer SAE",
+                       description="Train a multi-layer SAE. With no options: SmolLM2-135M, "
+                       "all 30 layers, CPython's pydoc text, offline.")
+    p.add_argument("--resume", metavar="DIR", default=argparse.SUPPRESS,
+                   help="continue an interrupted run from its folder (weights, optimizer, "
+                   "dead-latent counters, RNG and data position); other flags must agree "
+                   "with the run's config")
+    for cls in (C.SAEConfig, C.DataConfig, C.TrainConfig):
+        add_dataclass_options(p, cls)
+    p.set_defaults(func=_cmd_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"mlsae {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except TrainingDiverged as e:
+        print(f"mlsae {args.command}: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"mlsae {args.command}: aborted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

