@@ -1,4 +1,4 @@
-"""Tokens -> the resid_post vectors the SAE sees: `[layer, token, d_model]` at included positions."""
+"""Tokens -> the resid_post vectors the SAE sees: `[layer, token, d_model]`, included only."""
 
 from __future__ import annotations
 

@@ -56,7 +56,8 @@ def add_dataclass_options(parser: argparse.ArgumentParser, cls, skip: tuple[str,
         kind, is_bool = _field_type(f)
         doc = " ".join((get_attribute_docstring(cls, f.name).docstring_below or "").split())
         default = f.default if f.default is not MISSING else None
-        help_text = f"{doc} (default: {default})".replace("%", "%%")
+        shown = "" if default is None else f" (default: {default})"
+        help_text = f"{doc}{shown}".replace("%", "%%")
         flag = "--" + f.name.replace("_", "-")
         if is_bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction,

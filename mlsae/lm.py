@@ -147,7 +147,7 @@ class LanguageModel:
 
             return hook
 
-        handles = [self.blocks[l].register_forward_hook(make_hook(l)) for l in layers]
+        handles = [self.blocks[i].register_forward_hook(make_hook(i)) for i in layers]
         try:
             self.model(input_ids=input_ids.to(self.device), use_cache=False)
         except _StopForward:
@@ -155,7 +155,7 @@ class LanguageModel:
         finally:
             for h in handles:
                 h.remove()
-        return torch.stack([captured[l] for l in layers])
+        return torch.stack([captured[i] for i in layers])
 
     @torch.inference_mode()
     def logits(self, input_ids: Tensor) -> Tensor:
@@ -242,6 +242,7 @@ def load_lm(name: str, device: str = "auto", dtype: str = "float32") -> Language
     torch_dtype = resolve_dtype(dtype)
     dev = resolve_device(device)
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # keep stderr for our own progress bar and errors
     kw = dict(extra, trust_remote_code=False)
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, **kw)

@@ -10,6 +10,7 @@ A run folder holds:
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -70,8 +71,8 @@ def validate(cfg: RunConfig) -> None:
         raise UserError("--holdout-fraction must be in [0, 1)")
     if cfg.train.lr is not None and cfg.train.lr <= 0:
         raise UserError("--lr must be positive")
-    if cfg.data.exclude_first < 0:
-        raise UserError("--exclude-first must be >= 0")
+    if not 0 <= cfg.data.exclude_first < cfg.data.ctx_len:
+        raise UserError("--exclude-first must be >= 0 and below --ctx-len")
 
 
 class Trainer:
@@ -98,10 +99,10 @@ class Trainer:
                 "expansion_factor": cfg.sae.expansion_factor, "lm_dtype": t.dtype,
                 "lr": self.lr, "auxk": self.auxk, "dead_tokens_effective": self.dead_tokens,
                 "run": cfg.to_dict()}
-        gen = torch.Generator().manual_seed(t.seed)
+        self.rng = torch.Generator().manual_seed(t.seed)  # the run's only random stream
         self.sae = MLSAE(d_model, self.n_latents, cfg.sae.k, cfg.sae.standardize,
                          cfg.sae.eps, config=meta)
-        self.sae.reset_parameters(gen)
+        self.sae.reset_parameters(self.rng)
         self.sae.to(self.device)
         self.opt = torch.optim.Adam(self.sae.parameters(), lr=self.lr, eps=6.25e-10)
         self.tokens_since_fired = torch.zeros(self.n_latents, dtype=torch.long)
@@ -168,10 +169,15 @@ class Trainer:
     def fit(self, on_step: Callable[[Trainer], None] | None = None, progress: bool = True) -> bool:
         """Train to the token budget. Returns False if stopped early by Ctrl-C (checkpoint
         saved), True when finished."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         t = self.cfg.train
-        seqs = self.source.train_sequences(start=self.sequences)
-        it = batches(seqs, t.batch_size)
+        it = batches(self.source.train_sequences(start=self.sequences), t.batch_size)
+        # Read the first batch before writing anything: an empty or all-excluded dataset
+        # must fail without leaving a half-made run folder.
+        first = next(it)
+        if self.step == 0:
+            self._check_batch(first)
+        it = itertools.chain([first], it)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         log = (self.run_dir / "metrics.jsonl").open("a")
         bar = tqdm(total=self.total_steps * self.tokens_per_step, initial=self.step *
                    self.tokens_per_step, unit="tok", unit_scale=True, disable=not progress,
@@ -181,8 +187,6 @@ class Trainer:
         try:
             while self.step < self.total_steps and not self._stop:
                 ids = next(it)
-                if self.step == 0:
-                    self._check_batch(ids)
                 m = self.train_step(ids)
                 self.sequences += len(ids)
                 tok0 += ids.numel()
@@ -244,7 +248,7 @@ class Trainer:
                             v.shape if v.dim() else (1,)).contiguous()
             save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
             save_file({"tokens_since_fired": self.tokens_since_fired,
-                       "torch_rng": torch.get_rng_state()}, str(tmp / "state.safetensors"))
+                       "rng": self.rng.get_state()}, str(tmp / "state.safetensors"))
             state = {"step": self.step, "tokens_seen": self.tokens_seen,
                      "sequences": self.sequences, "total_steps": self.total_steps,
                      "finished": self.step >= self.total_steps, "config": self.cfg.to_dict()}
@@ -278,7 +282,7 @@ class Trainer:
                 "exp_avg_sq": opt_t[f"{n}.exp_avg_sq"].to(self.device),
             }
         self.tokens_since_fired = st["tokens_since_fired"].clone()
-        torch.set_rng_state(st["torch_rng"])
+        self.rng.set_state(st["rng"])
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self.sequences = state["sequences"]
 
