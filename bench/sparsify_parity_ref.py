@@ -41,9 +41,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
+from sparsify import SaeConfig, SparseCoder, TrainConfig, Trainer  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
-
-from sparsify import SaeConfig, SparseCoder, Trainer, TrainConfig  # noqa: E402
 
 CTX_LEN = 256
 BATCH = 8

@@ -81,7 +81,13 @@ class TrainConfig:
     """Sequences per optimizer step."""
 
     lr: float | None = None
-    """Adam learning rate; default 2e-4 / sqrt(n_latents / 16384) (Gao et al. 2024)."""
+    """Adam learning rate; default 2.5e-3 / sqrt(n_latents / 16384): Gao et al.'s scaling
+    in n_latents with a 12.5x higher base, which converges far faster on short runs (see
+    README, "Defaults")."""
+
+    lr_decay: float = 0.0
+    """Fraction of the final steps over which the learning rate decays linearly to 0
+    (0.2 is a good choice for long runs)."""
 
     warmup_steps: int = 0
     """Linear learning-rate warm-up steps."""
@@ -118,6 +124,11 @@ class TrainConfig:
     eval_tokens: float = 20_000
     """Held-out tokens for the per-layer summary printed after training (0 to skip)."""
 
+    sae_matmul_dtype: str = "bfloat16"
+    """Dtype of the encoder matmul that picks the top k during training (`bfloat16` or
+    `float32`); activations, weights and gradients stay float32. bfloat16 measured ~2.5x
+    faster with no FVU cost. Evaluation always uses float32."""
+
     threads: int | None = None
     """CPU threads for torch (default: torch's own choice)."""
 
@@ -153,7 +164,7 @@ def resolve_layers(spec: str, n_layers: int) -> list[int]:
 
 
 def default_lr(n_latents: int) -> float:
-    return 2e-4 / math.sqrt(n_latents / 16384)
+    return 2.5e-3 / math.sqrt(n_latents / 16384)
 
 
 def to_dict(obj) -> dict:

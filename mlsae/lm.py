@@ -59,10 +59,10 @@ def resolve_device(device: str) -> torch.device:
         raise UserError(f"--device {device!r} is not a torch device") from None
 
 
-def resolve_dtype(dtype: str) -> torch.dtype:
+def resolve_dtype(dtype: str, flag: str = "--dtype") -> torch.dtype:
     table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if dtype not in table:
-        raise UserError(f"--dtype {dtype!r}: choose one of {', '.join(table)}")
+        raise UserError(f"{flag} {dtype!r}: choose one of {', '.join(table)}")
     return table[dtype]
 
 
@@ -228,6 +228,22 @@ def wrap_model(model: nn.Module, tokenizer, name: str) -> LanguageModel:
     for p in model.parameters():
         p.requires_grad_(False)
     return LanguageModel(model=model, tokenizer=tokenizer, name=name, blocks=find_blocks(model))
+
+
+def peek_shape(name: str) -> tuple[int, int]:
+    """(n_layers, d_model) of `name` from its config alone, to check flags before the
+    weights load."""
+    from transformers import AutoConfig
+    from transformers.utils import logging as hf_logging
+
+    where, extra = _locate(name)
+    hf_logging.set_verbosity_error()
+    try:
+        cfg = _text_config(AutoConfig.from_pretrained(where, trust_remote_code=False, **extra))
+    except (OSError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot load model {name!r}: {first}") from None
+    return int(cfg.num_hidden_layers), int(cfg.hidden_size)
 
 
 def load_lm(name: str, device: str = "auto", dtype: str = "float32") -> LanguageModel:

@@ -30,7 +30,7 @@ from mlsae import config as C
 from mlsae.activations import batch_activations, check_finite
 from mlsae.data import TokenSource, batches
 from mlsae.errors import UserError
-from mlsae.lm import LanguageModel, load_lm, resolve_device
+from mlsae.lm import LanguageModel, load_lm, peek_shape, resolve_device, resolve_dtype
 from mlsae.metrics import ReconstructionStats
 from mlsae.sae import MLSAE, geometric_median, replace_dir, sparse_decode
 
@@ -71,6 +71,10 @@ def validate(cfg: RunConfig) -> None:
         raise UserError("--holdout-fraction must be in [0, 1)")
     if cfg.train.lr is not None and cfg.train.lr <= 0:
         raise UserError("--lr must be positive")
+    resolve_dtype(cfg.train.dtype)
+    resolve_dtype(cfg.train.sae_matmul_dtype, "--sae-matmul-dtype")
+    if not 0 <= cfg.train.lr_decay <= 1 or cfg.train.warmup_steps < 0:
+        raise UserError("--lr-decay must be in [0, 1] and --warmup-steps >= 0")
     if not 0 <= cfg.data.exclude_first < cfg.data.ctx_len:
         raise UserError("--exclude-first must be >= 0 and below --ctx-len")
 
@@ -104,6 +108,7 @@ class Trainer:
                          cfg.sae.eps, config=meta)
         self.sae.reset_parameters(self.rng)
         self.sae.to(self.device)
+        self.sae.matmul_dtype = resolve_dtype(t.sae_matmul_dtype, "--sae-matmul-dtype")
         self.opt = torch.optim.Adam(self.sae.parameters(), lr=self.lr, eps=6.25e-10)
         self.tokens_since_fired = torch.zeros(self.n_latents, dtype=torch.long)
         self.step = 0
@@ -162,8 +167,12 @@ class Trainer:
                 "auxk_loss": aux_loss.item(), "dead_fraction": n_dead / self.n_latents}
 
     def lr_at(self, step: int) -> float:
-        w = self.cfg.train.warmup_steps
-        return self.lr * min(1.0, (step + 1) / w) if w > 0 else self.lr
+        t = self.cfg.train
+        scale = min(1.0, (step + 1) / t.warmup_steps) if t.warmup_steps > 0 else 1.0
+        decay_steps = t.lr_decay * self.total_steps
+        if decay_steps > 0:
+            scale *= min(1.0, (self.total_steps - step) / decay_steps)
+        return self.lr * scale
 
     # ---- loop ----------------------------------------------------------------------------
     def fit(self, on_step: Callable[[Trainer], None] | None = None, progress: bool = True) -> bool:
@@ -293,6 +302,7 @@ class Trainer:
         if len(seqs) == 0:
             return None
         stats = ReconstructionStats(len(self.layers), self.lm.d_model, self.n_latents)
+        selection_dtype, self.sae.matmul_dtype = self.sae.matmul_dtype, None  # exact eval
         for ids in tqdm(list(batches(iter(seqs), self.cfg.train.batch_size)), desc="held-out",
                         disable=not progress, dynamic_ncols=True):
             x, _ = batch_activations(self.lm, ids, self.layers, self.cfg.data, self.device)
@@ -302,6 +312,7 @@ class Trainer:
             shape = (len(self.layers), x.shape[1], -1)
             stats.update(x, out.x_hat.reshape(shape), out.code.acts.reshape(shape),
                          out.code.idx.reshape(shape))
+        self.sae.matmul_dtype = selection_dtype
         if stats.n == 0:
             return None
         return dict(stats.result(), layers=self.layers)
@@ -361,6 +372,11 @@ def train(cfg: RunConfig | None = None, resume: str | os.PathLike | None = None,
             raise UserError(f"{str(run_dir)!r} already holds a run: use --resume {run_dir} "
                             "or another --out")
     if lm is None:
+        n_layers, d_model = peek_shape(cfg.train.model)  # fail on bad flags before loading
+        C.resolve_layers(cfg.train.layers, n_layers)
+        if cfg.sae.k > cfg.sae.expansion_factor * d_model:
+            raise UserError(f"--k {cfg.sae.k} exceeds n_latents "
+                            f"{cfg.sae.expansion_factor * d_model}")
         lm = load_lm(cfg.train.model, cfg.train.device, cfg.train.dtype)
     trainer = Trainer(cfg, lm, run_dir)
     if resume is not None:
