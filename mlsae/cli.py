@@ -79,19 +79,21 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     given = {k: v for k, v in vars(args).items() if k not in ("command", "func", "resume")}
     resume = getattr(args, "resume", None)
+    given.pop("sweep", None)
     cfg = None
     if resume is None:
         cfg = RunConfig(build_config(C.SAEConfig, given), build_config(C.DataConfig, given),
                         build_config(C.TrainConfig, given))
-    result = train(cfg, resume=resume, given=given)
+    result = train(cfg, resume=resume, given=given, sweep=getattr(args, "sweep", None))
     run_dir = result["run_dir"]
     if not result["finished"]:
         print(f"interrupted: checkpoint saved; continue with: mlsae train --resume {run_dir}",
               file=sys.stderr)
         return 130
-    print(f"run folder: {run_dir}")
-    if result["summary"] is not None:
-        print(format_layer_table(result["summary"]))
+    for folder, summary in zip(result["runs"], result["summaries"]):
+        print(f"run folder: {folder}")
+        if summary is not None:
+            print(format_layer_table(summary))
     return 0
 
 
@@ -120,9 +122,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue an interrupted run from its folder (weights, optimizer, "
                    "dead-latent counters, RNG and data position); other flags must agree "
                    "with the run's config")
+    p.add_argument("--sweep", metavar="SPEC", default=argparse.SUPPRESS,
+                   help='train every combination, e.g. "k=16,32,64 expansion_factor=8,16", '
+                   "from ONE LM forward per batch; each into <out>/<name> (resumable together "
+                   "with --resume <out>, or one by one)")
     for cls in (C.SAEConfig, C.DataConfig, C.TrainConfig):
         add_dataclass_options(p, cls)
     p.set_defaults(func=_cmd_train)
+    # Other subcommands register themselves here (each module: add_commands(sub)).
+    from mlsae import baselines, compare, evaluate
+
+    for module in (evaluate, baselines, compare):
+        module.add_commands(sub)
+    # -- analysis commands (analyze, resid-sim, mmcs, examples, report) --
     return parser
 
 

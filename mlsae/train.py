@@ -24,11 +24,13 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch.distributed import ReduceOp
 from tqdm.auto import tqdm
 
 from mlsae import config as C
 from mlsae.activations import batch_activations, check_finite
-from mlsae.data import TokenSource, batches
+from mlsae.data import TokenSource, batches, include_mask
+from mlsae.distributed import Dist, all_gather_rows, all_reduce_, barrier, init_from_env
 from mlsae.errors import UserError
 from mlsae.lm import LanguageModel, load_lm, peek_shape, resolve_device, resolve_dtype
 from mlsae.metrics import ReconstructionStats
@@ -80,18 +82,19 @@ def validate(cfg: RunConfig) -> None:
 
 
 class Trainer:
-    """Owns the SAE, the optimizer and the counters; `fit` runs to the token budget."""
+    """One SAE with its optimizer and counters. It never sees the LM: it takes activations
+    `[layer, token, d_model]`, so several trainers can share one LM forward (sweeps)."""
 
-    def __init__(self, cfg: RunConfig, lm: LanguageModel, run_dir: Path):
-        self.cfg, self.lm, self.run_dir = cfg, lm, run_dir
+    def __init__(self, cfg: RunConfig, d_model: int, layers: list[int], run_dir: Path,
+                 device: torch.device, dist: Dist | None = None):
+        self.cfg, self.run_dir, self.device = cfg, run_dir, device
+        self.dist = dist or Dist()
         t = cfg.train
-        self.layers = C.resolve_layers(t.layers, lm.n_layers)
-        d_model = lm.d_model
+        self.layers = layers
         self.n_latents = cfg.sae.expansion_factor * d_model
         if cfg.sae.k > self.n_latents:
             raise UserError(f"--k {cfg.sae.k} exceeds n_latents {self.n_latents} "
                             f"(expansion_factor {cfg.sae.expansion_factor} x d_model {d_model})")
-        self.device = resolve_device(t.device)
         self.lr = t.lr if t.lr is not None else C.default_lr(self.n_latents)
         self.auxk = min(t.auxk if t.auxk is not None else d_model // 2, self.n_latents)
         self.tokens_per_step = t.batch_size * cfg.data.ctx_len
@@ -107,47 +110,65 @@ class Trainer:
         self.sae = MLSAE(d_model, self.n_latents, cfg.sae.k, cfg.sae.standardize,
                          cfg.sae.eps, config=meta)
         self.sae.reset_parameters(self.rng)
-        self.sae.to(self.device)
+        self.sae.to(device)
         self.sae.matmul_dtype = resolve_dtype(t.sae_matmul_dtype, "--sae-matmul-dtype")
         self.opt = torch.optim.Adam(self.sae.parameters(), lr=self.lr, eps=6.25e-10)
         self.tokens_since_fired = torch.zeros(self.n_latents, dtype=torch.long)
         self.step = 0
-        self.tokens_seen = 0  # included (trained-on) tokens
-        self.sequences = 0  # data position
-        self.source = TokenSource(cfg.data, lm.tokenizer, lm.eos_id, seed=t.seed)
-        self._stop = False
+        self.tokens_seen = 0  # included (trained-on) tokens, all ranks
+        self.sequences = 0  # data position in the global train stream
+        self.log_file = None
 
     # ---- one step ------------------------------------------------------------------------
-    def train_step(self, input_ids: torch.Tensor) -> dict:
-        x, _ = batch_activations(self.lm, input_ids, self.layers, self.cfg.data, self.device)
-        check_finite(x, "activations", self.step)
+    def sae_step(self, x: torch.Tensor) -> dict:
+        """One optimizer step on `x [layer, token, d_model]` (this rank's share)."""
         n_layers, n_tok, d = x.shape
-        if n_tok == 0:
-            return {}
+        d_ = self.dist
         if self.step == 0:
             with torch.no_grad():
-                xt, _, _ = self.sae._standardize(x.reshape(-1, d))
+                xt, _, _ = self.sae._standardize(all_gather_rows(x.reshape(-1, d), d_))
                 self.sae.b_dec.copy_(geometric_median(xt))
+        # Per-layer totals over the GLOBAL batch, so each rank's loss is its share of the
+        # single-process loss: sum_x [layer, d], sum ||x||^2 [layer], tokens.
+        with torch.no_grad():
+            x64 = x.double()
+            totals = torch.cat([x64.sum(1).flatten(), x64.pow(2).sum((1, 2)),
+                                torch.tensor([float(n_tok)], dtype=torch.float64,
+                                             device=x.device)])
+            all_reduce_(totals, d_)
+            sum_x = totals[: n_layers * d].view(n_layers, d)
+            sum_sq = totals[n_layers * d: n_layers * d + n_layers]
+            n_all = totals[-1]
+            if n_all == 0:
+                return {}
+            var = (sum_sq - sum_x.pow(2).sum(1) / n_all).float().clamp_min(1e-12)  # [layer]
         dead = self.tokens_since_fired >= self.dead_tokens
         n_dead = int(dead.sum())
         out = self.sae(x.reshape(-1, d), dead=dead.to(self.device) if n_dead else None,
                        auxk=self.auxk)
         x_hat = out.x_hat.reshape(n_layers, n_tok, d)
-        err = (x_hat - x).pow(2).sum(dim=(1, 2))
-        var = (x - x.mean(dim=1, keepdim=True)).pow(2).sum(dim=(1, 2))
-        fvu = err / var.clamp_min(1e-12)  # [layer]
-        loss = fvu.mean()
+        err = (x_hat - x).pow(2).sum(dim=(1, 2))  # [layer], this rank
+        loss = (err / var).mean()
         aux_loss = torch.zeros((), device=self.device)
         if out.aux_acts is not None:
             # Dead latents reconstruct the residual error in standardized space (Gao et al.).
             e = ((x.reshape(-1, d) - out.x_hat) / (out.code.std + self.sae.eps)).detach()
             e_hat = sparse_decode(out.aux_acts, out.aux_idx, self.sae.W_dec)
-            aux_loss = (e_hat - e).pow(2).sum() / (e - e.mean(0)).pow(2).sum().clamp_min(1e-12)
-            aux_loss = aux_loss * min(n_dead / self.auxk, 1.0)
+            with torch.no_grad():
+                e_tot = all_reduce_(torch.cat([e.double().sum(0), e.double().pow(2).sum()[None],
+                                               torch.tensor([float(len(e))], dtype=torch.float64,
+                                                            device=e.device)]), d_)
+                e_var = (e_tot[d] - e_tot[:d].pow(2).sum() / e_tot[-1]).float().clamp_min(1e-12)
+            aux_loss = (e_hat - e).pow(2).sum() / e_var * min(n_dead / self.auxk, 1.0)
             loss = loss + self.cfg.train.auxk_coef * aux_loss
-        check_finite(loss.detach(), "loss", self.step)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        stats = torch.cat([err.detach().double(), aux_loss.detach().double()[None]])
+        all_reduce_(stats, d_)
+        check_finite(stats, "loss", self.step)
+        if d_.enabled:
+            for p in self.sae.parameters():
+                all_reduce_(p.grad, d_)
         self.sae.remove_parallel_grad()
         for g in self.opt.param_groups:
             g["lr"] = self.lr_at(self.step)
@@ -156,15 +177,19 @@ class Trainer:
 
         with torch.no_grad():
             acts, idx = out.code.acts, out.code.idx
-            fired = torch.zeros(self.n_latents, dtype=torch.bool, device=self.device)
-            fired[idx[acts > 1e-3]] = True
-            self.tokens_since_fired += n_tok
-            self.tokens_since_fired[fired.cpu()] = 0
-            l0 = (acts > 0).reshape(n_layers, n_tok, -1).sum(-1).float().mean(1)
+            fired = torch.zeros(self.n_latents, dtype=torch.int32, device=self.device)
+            fired[idx[acts > 1e-3]] = 1
+            l0 = (acts > 0).reshape(n_layers, n_tok, -1).sum(-1).double().sum(1)  # [layer]
+            all_reduce_(fired, d_, op=ReduceOp.MAX)
+            all_reduce_(l0, d_)
+            self.tokens_since_fired += int(n_all)
+            self.tokens_since_fired[fired.bool().cpu()] = 0
+        fvu = (stats[:n_layers] / var.double()).tolist()
         self.step += 1
-        self.tokens_seen += n_tok
-        return {"loss": loss.item(), "fvu": fvu.tolist(), "l0": l0.tolist(),
-                "auxk_loss": aux_loss.item(), "dead_fraction": n_dead / self.n_latents}
+        self.tokens_seen += int(n_all)
+        return {"loss": sum(fvu) / n_layers + self.cfg.train.auxk_coef * stats[-1].item(),
+                "fvu": fvu, "l0": (l0 / n_all).tolist(), "auxk_loss": stats[-1].item(),
+                "dead_fraction": n_dead / self.n_latents}
 
     def lr_at(self, step: int) -> float:
         t = self.cfg.train
@@ -174,77 +199,31 @@ class Trainer:
             scale *= min(1.0, (self.total_steps - step) / decay_steps)
         return self.lr * scale
 
-    # ---- loop ----------------------------------------------------------------------------
-    def fit(self, on_step: Callable[[Trainer], None] | None = None, progress: bool = True) -> bool:
-        """Train to the token budget. Returns False if stopped early by Ctrl-C (checkpoint
-        saved), True when finished."""
-        t = self.cfg.train
-        it = batches(self.source.train_sequences(start=self.sequences), t.batch_size)
-        # Read the first batch before writing anything: an empty or all-excluded dataset
-        # must fail without leaving a half-made run folder.
-        first = next(it)
-        if self.step == 0:
-            self._check_batch(first)
-        it = itertools.chain([first], it)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        log = (self.run_dir / "metrics.jsonl").open("a")
-        bar = tqdm(total=self.total_steps * self.tokens_per_step, initial=self.step *
-                   self.tokens_per_step, unit="tok", unit_scale=True, disable=not progress,
-                   desc="train", dynamic_ncols=True)
-        prev = signal.signal(signal.SIGINT, self._on_sigint) if _main_thread() else None
-        t0, tok0 = time.perf_counter(), 0
-        try:
-            while self.step < self.total_steps and not self._stop:
-                ids = next(it)
-                m = self.train_step(ids)
-                self.sequences += len(ids)
-                tok0 += ids.numel()
-                bar.update(ids.numel())
-                if not m:
-                    continue
-                rate = tok0 / (time.perf_counter() - t0)
-                fvu_mean = sum(m["fvu"]) / len(m["fvu"])
-                bar.set_postfix(loss=f"{m['loss']:.3f}", fvu=f"{fvu_mean:.3f}",
-                                dead=f"{m['dead_fraction']:.2f}", tok_s=f"{rate:.0f}")
-                if self.step % t.log_every == 0 or self.step == self.total_steps:
-                    row = {"step": self.step, "tokens": self.tokens_seen,
-                           "lr": self.lr_at(self.step - 1), "tokens_per_s": rate,
-                           "loss": m["loss"], "fvu_mean": fvu_mean,
-                           "auxk_loss": m["auxk_loss"], "dead_fraction": m["dead_fraction"],
-                           "layers": self.layers, "fvu": m["fvu"], "l0": m["l0"]}
-                    log.write(json.dumps(row) + "\n")
-                    log.flush()
-                if on_step is not None:
-                    on_step(self)
-                if self.step % t.save_every == 0 and self.step < self.total_steps:
-                    self.save()
-        finally:
-            bar.close()
-            log.close()
-            if prev is not None:
-                signal.signal(signal.SIGINT, prev)
-        self.save()
-        return not self._stop
+    def log(self, m: dict, rate: float) -> None:
+        if not self.dist.is_main:
+            return
+        if self.step % self.cfg.train.log_every and self.step != self.total_steps:
+            return
+        if self.log_file is None:
+            self.log_file = (self.run_dir / "metrics.jsonl").open("a")
+        row = {"step": self.step, "tokens": self.tokens_seen, "lr": self.lr_at(self.step - 1),
+               "tokens_per_s": rate, "loss": m["loss"], "fvu_mean": sum(m["fvu"]) / len(m["fvu"]),
+               "auxk_loss": m["auxk_loss"], "dead_fraction": m["dead_fraction"],
+               "layers": self.layers, "fvu": m["fvu"], "l0": m["l0"]}
+        self.log_file.write(json.dumps(row) + "\n")
+        self.log_file.flush()
 
-    def _check_batch(self, ids: torch.Tensor) -> None:
-        from mlsae.data import include_mask
-
-        if not include_mask(ids, self.lm.special_ids, self.cfg.data).any():
-            raise UserError(f"--dataset {self.cfg.data.dataset!r}: every position of the first "
-                            "batch is excluded (special tokens / --exclude-first)")
-
-    def _on_sigint(self, _sig, _frame) -> None:
-        if self._stop:  # second Ctrl-C: give up at once
-            raise KeyboardInterrupt
-        self._stop = True
-        tqdm.write("Ctrl-C: finishing this step, saving a checkpoint (Ctrl-C again to abort)")
-
-    def request_stop(self) -> None:
-        self._stop = True
+    def close(self) -> None:
+        if self.log_file is not None:
+            self.log_file.close()
+            self.log_file = None
 
     # ---- checkpoints ---------------------------------------------------------------------
     def save(self) -> None:
         """Write checkpoint/ atomically, then point the run folder's model files at it."""
+        if not self.dist.is_main:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".checkpoint.", dir=self.run_dir))
         try:
             self.sae.write_files(tmp)
@@ -295,27 +274,102 @@ class Trainer:
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self.sequences = state["sequences"]
 
-    # ---- held-out summary ----------------------------------------------------------------
-    @torch.no_grad()
-    def heldout_summary(self, max_tokens: int, progress: bool = True) -> dict | None:
-        seqs = self.source.eval_sequences(max_tokens)
-        if len(seqs) == 0:
-            return None
-        stats = ReconstructionStats(len(self.layers), self.lm.d_model, self.n_latents)
-        selection_dtype, self.sae.matmul_dtype = self.sae.matmul_dtype, None  # exact eval
-        for ids in tqdm(list(batches(iter(seqs), self.cfg.train.batch_size)), desc="held-out",
-                        disable=not progress, dynamic_ncols=True):
-            x, _ = batch_activations(self.lm, ids, self.layers, self.cfg.data, self.device)
-            if x.shape[1] == 0:
-                continue
-            out = self.sae(x.reshape(-1, x.shape[-1]))
-            shape = (len(self.layers), x.shape[1], -1)
-            stats.update(x, out.x_hat.reshape(shape), out.code.acts.reshape(shape),
-                         out.code.idx.reshape(shape))
-        self.sae.matmul_dtype = selection_dtype
-        if stats.n == 0:
-            return None
-        return dict(stats.result(), layers=self.layers)
+
+class _StopFlag:
+    """Ctrl-C sets the flag; the loop saves between steps. A second Ctrl-C aborts."""
+
+    def __init__(self):
+        self.set = False
+
+    def __call__(self, _sig, _frame) -> None:
+        if self.set:
+            raise KeyboardInterrupt
+        self.set = True
+        tqdm.write("Ctrl-C: finishing this step, saving a checkpoint (Ctrl-C again to abort)")
+
+
+def fit(trainers: list[Trainer], lm: LanguageModel, source: TokenSource,
+        on_step: Callable[[Trainer], None] | None = None, progress: bool = True) -> bool:
+    """Train every trainer on the same activations (one LM forward per batch) to its token
+    budget. Returns False if stopped early by Ctrl-C (checkpoints saved), True when done."""
+    lead = trainers[0]
+    cfg, d_ = lead.cfg, lead.dist
+    it = batches(source.train_sequences(start=lead.sequences), cfg.train.batch_size)
+    # Read the first batch before writing anything: an empty or all-excluded dataset
+    # must fail without leaving a half-made run folder.
+    first = next(it)
+    if lead.step == 0 and not include_mask(first, lm.special_ids, cfg.data).any():
+        raise UserError(f"--dataset {cfg.data.dataset!r}: every position of the first "
+                        "batch is excluded (special tokens / --exclude-first)")
+    it = itertools.chain([first], it)
+    for tr in trainers:
+        if d_.is_main:
+            tr.run_dir.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(total=lead.total_steps * lead.tokens_per_step, initial=lead.step *
+               lead.tokens_per_step, unit="tok", unit_scale=True,
+               disable=not progress or not d_.is_main, desc="train", dynamic_ncols=True)
+    stop = _StopFlag()
+    prev = signal.signal(signal.SIGINT, stop) if _main_thread() else None
+    t0, tok0 = time.perf_counter(), 0
+    try:
+        while lead.step < lead.total_steps and not stop.set:
+            ids = next(it)
+            x, _ = batch_activations(lm, ids[d_.rank::d_.world], lead.layers, cfg.data,
+                                     lead.device)
+            check_finite(x, "activations", lead.step)
+            tok0 += ids.numel()
+            bar.update(ids.numel())
+            rate = tok0 / (time.perf_counter() - t0)
+            for tr in trainers:
+                m = tr.sae_step(x)
+                tr.sequences += len(ids)
+                if m:
+                    tr.log(m, rate)
+            if m:
+                bar.set_postfix(loss=f"{m['loss']:.3f}",
+                                fvu=f"{sum(m['fvu']) / len(m['fvu']):.3f}",
+                                dead=f"{m['dead_fraction']:.2f}")
+            if on_step is not None:
+                on_step(lead)
+            if lead.step % cfg.train.save_every == 0 and lead.step < lead.total_steps:
+                for tr in trainers:
+                    tr.save()
+    finally:
+        bar.close()
+        for tr in trainers:
+            tr.close()
+        if prev is not None:
+            signal.signal(signal.SIGINT, prev)
+    for tr in trainers:
+        tr.save()
+    return not stop.set
+
+
+@torch.no_grad()
+def heldout_summaries(trainers: list[Trainer], lm: LanguageModel, source: TokenSource,
+                      max_tokens: int, progress: bool = True) -> list[dict | None]:
+    """Held-out FVU / MSE / L0 per layer for each trainer's SAE (exact float32 selection)."""
+    seqs = source.eval_sequences(max_tokens)
+    lead = trainers[0]
+    if len(seqs) == 0:
+        return [None] * len(trainers)
+    stats = [ReconstructionStats(len(lead.layers), lm.d_model, tr.n_latents) for tr in trainers]
+    saved = [tr.sae.matmul_dtype for tr in trainers]
+    for tr in trainers:
+        tr.sae.matmul_dtype = None
+    for ids in tqdm(list(batches(iter(seqs), lead.cfg.train.batch_size)), desc="held-out",
+                    disable=not progress, dynamic_ncols=True):
+        x, _ = batch_activations(lm, ids, lead.layers, lead.cfg.data, lead.device)
+        if x.shape[1] == 0:
+            continue
+        shape = (len(lead.layers), x.shape[1], -1)
+        for tr, st in zip(trainers, stats):
+            out = tr.sae(x.reshape(-1, x.shape[-1]))
+            st.update(x, out.x_hat.reshape(shape), out.code.acts.reshape(shape),
+                      out.code.idx.reshape(shape))
+    for tr, dtype in zip(trainers, saved):
+        tr.sae.matmul_dtype = dtype
+    return [dict(st.result(), layers=lead.layers) if st.n else None for st in stats]
 
 
 def _main_thread() -> bool:
@@ -350,41 +404,128 @@ def merge_resume(stored: RunConfig, given: dict[str, object]) -> RunConfig:
     return stored
 
 
+SWEEPABLE = {"expansion_factor", "k", "standardize", "lr", "auxk", "auxk_coef", "dead_tokens",
+             "lr_decay", "warmup_steps", "sae_matmul_dtype"}
+_SHORT = {"expansion_factor": "x"}
+
+
+def parse_sweep(spec: str) -> list[dict]:
+    """`"k=16,32 expansion_factor=8,16"` -> one override dict per combination."""
+    axes = []
+    for part in spec.split():
+        key, _, values = part.partition("=")
+        key = key.replace("-", "_")
+        if key not in SWEEPABLE or not values:
+            raise UserError(f"--sweep {part!r}: use key=v1,v2 with key one of "
+                            f"{', '.join(sorted(SWEEPABLE))} (the LM and data are shared)")
+        section = C.SAEConfig if key in C.SAEConfig.__dataclass_fields__ else C.TrainConfig
+        typ = section.__dataclass_fields__[key].type
+        axes.append([(key, _parse_value(v, str(typ), part)) for v in values.split(",")])
+    if not axes:
+        raise UserError("--sweep is empty")
+    return [dict(combo) for combo in itertools.product(*axes)]
+
+
+def _parse_value(text: str, typ: str, part: str):
+    try:
+        if typ.startswith("bool"):
+            if text.lower() not in ("true", "false"):
+                raise ValueError
+            return text.lower() == "true"
+        if typ.startswith("int"):
+            return int(float(text))
+        if typ.startswith("float"):
+            return float(text)
+        return text
+    except ValueError:
+        raise UserError(f"--sweep {part!r}: bad value {text!r}") from None
+
+
+def sweep_name(override: dict) -> str:
+    return "-".join(f"{_SHORT.get(k, k)}{v}" for k, v in override.items())
+
+
+def with_overrides(cfg: RunConfig, override: dict) -> RunConfig:
+    new = RunConfig.from_dict(cfg.to_dict())
+    for key, value in override.items():
+        setattr(new.sae if hasattr(new.sae, key) else new.train, key, value)
+    return new
+
+
+def _plan(cfg: RunConfig | None, resume, given: dict, sweep: str | None):
+    """(run folder, [(config, child folder)]) for a new run, a sweep, or a resume."""
+    if resume is not None:
+        root = Path(resume)
+        meta = root / "sweep.json"
+        children = ([root / n for n in json.loads(meta.read_text())["runs"]]
+                    if meta.is_file() else [root])
+        return root, [(merge_resume(read_run_config(c), dict(given)), c) for c in children]
+    cfg = cfg or RunConfig()
+    root = Path(cfg.train.out) if cfg.train.out else default_run_dir(cfg)
+    if sweep:
+        if not cfg.train.out:
+            root = root.with_name(root.name.rsplit("-x", 1)[0] + "-sweep")
+        plan = [(with_overrides(cfg, o), root / sweep_name(o)) for o in parse_sweep(sweep)]
+    else:
+        plan = [(cfg, root)]
+    for _, folder in plan:
+        if (folder / "checkpoint").exists() or (folder / "sweep.json").exists():
+            raise UserError(f"{str(folder)!r} already holds a run: use --resume {root} "
+                            "or another --out")
+    return root, plan
+
+
 def train(cfg: RunConfig | None = None, resume: str | os.PathLike | None = None,
           given: dict | None = None, lm: LanguageModel | None = None,
-          on_step: Callable[[Trainer], None] | None = None, progress: bool = True) -> dict:
-    """Train (or resume) a run; returns {"run_dir", "finished", "summary"}.
+          on_step: Callable[[Trainer], None] | None = None, progress: bool = True,
+          sweep: str | None = None) -> dict:
+    """Train (or resume) a run, or a sweep of runs sharing one LM forward per batch.
 
-    `given` are explicitly set options (used to check a resumed run's config); `lm` lets a
-    caller pass an already loaded model (tests, sweeps).
+    Returns {"run_dir", "runs", "finished", "summary", "summaries", "trainer", "trainers"}.
+    `given` are explicitly set options (checked against a resumed run's config); `lm` lets a
+    caller pass an already loaded model (tests, benchmarks).
     """
-    if resume is not None:
-        run_dir = Path(resume)
-        cfg = merge_resume(read_run_config(run_dir), dict(given or {}))
-    else:
-        cfg = cfg or RunConfig()
-    validate(cfg)
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    if resume is None:
-        run_dir = Path(cfg.train.out) if cfg.train.out else default_run_dir(cfg)
-        if (run_dir / "checkpoint").exists():
-            raise UserError(f"{str(run_dir)!r} already holds a run: use --resume {run_dir} "
-                            "or another --out")
+    root, plan = _plan(cfg, resume, given or {}, sweep)
+    for c, _ in plan:
+        validate(c)
+    lead = plan[0][0]
+    if lead.train.threads:
+        torch.set_num_threads(lead.train.threads)
+    device = resolve_device(lead.train.device)
+    dist_info = init_from_env(device)
+    if lead.train.batch_size % dist_info.world:
+        raise UserError(f"--batch-size {lead.train.batch_size} is not divisible by the "
+                        f"{dist_info.world} ranks")
     if lm is None:
-        n_layers, d_model = peek_shape(cfg.train.model)  # fail on bad flags before loading
-        C.resolve_layers(cfg.train.layers, n_layers)
-        if cfg.sae.k > cfg.sae.expansion_factor * d_model:
-            raise UserError(f"--k {cfg.sae.k} exceeds n_latents "
-                            f"{cfg.sae.expansion_factor * d_model}")
-        lm = load_lm(cfg.train.model, cfg.train.device, cfg.train.dtype)
-    trainer = Trainer(cfg, lm, run_dir)
+        n_layers, d_model = peek_shape(lead.train.model)  # fail on bad flags before loading
+        C.resolve_layers(lead.train.layers, n_layers)
+        for c, _ in plan:
+            if c.sae.k > c.sae.expansion_factor * d_model:
+                raise UserError(f"--k {c.sae.k} exceeds n_latents "
+                                f"{c.sae.expansion_factor * d_model}")
+        lm = load_lm(lead.train.model, lead.train.device, lead.train.dtype)
+    layers = C.resolve_layers(lead.train.layers, lm.n_layers)
+    trainers = [Trainer(c, lm.d_model, layers, folder, device, dist_info) for c, folder in plan]
     if resume is not None:
-        trainer.load(run_dir / "checkpoint")
-    finished = trainer.fit(on_step=on_step, progress=progress)
-    summary = None
-    if finished and cfg.train.eval_tokens > 0:
-        summary = trainer.heldout_summary(int(cfg.train.eval_tokens), progress=progress)
-        if summary is not None:
-            (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return {"run_dir": run_dir, "finished": finished, "summary": summary, "trainer": trainer}
+        for tr in trainers:
+            tr.load(tr.run_dir / "checkpoint")
+        if len({(tr.step, tr.sequences) for tr in trainers}) > 1:
+            raise UserError(f"--resume {str(root)!r}: the sweep's runs stopped at different "
+                            "steps; resume each run folder on its own")
+    elif sweep and dist_info.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "sweep.json").write_text(json.dumps(
+            {"sweep": sweep, "runs": [f.name for _, f in plan]}, indent=2) + "\n")
+    source = TokenSource(lead.data, lm.tokenizer, lm.eos_id, seed=lead.train.seed)
+    finished = fit(trainers, lm, source, on_step=on_step, progress=progress)
+    summaries: list[dict | None] = [None] * len(trainers)
+    if finished and lead.train.eval_tokens > 0 and dist_info.is_main:
+        summaries = heldout_summaries(trainers, lm, source, int(lead.train.eval_tokens),
+                                      progress=progress)
+        for tr, summary in zip(trainers, summaries):
+            if summary is not None:
+                (tr.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    barrier(dist_info)
+    return {"run_dir": root, "runs": [tr.run_dir for tr in trainers], "finished": finished,
+            "summary": summaries[0], "summaries": summaries, "trainer": trainers[0],
+            "trainers": trainers}

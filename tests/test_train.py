@@ -45,8 +45,8 @@ def test_train_writes_checkpoint_metrics_and_summary(tiny_lm, text_file, tmp_pat
 def test_summary_fvu_matches_independent_computation(tiny_lm, text_file, tmp_path):
     res = train(small_cfg(text_file, tmp_path / "run"), lm=tiny_lm, progress=False)
     tr = res["trainer"]
-    seqs = tr.source.eval_sequences(512)
-    from mlsae.data import include_mask
+    from mlsae.data import TokenSource, include_mask
+    seqs = TokenSource(tr.cfg.data, tiny_lm.tokenizer, tiny_lm.eos_id).eval_sequences(512)
     mask = include_mask(seqs, tiny_lm.special_ids, tr.cfg.data)
     with torch.no_grad():
         hs = tiny_lm.model(seqs, output_hidden_states=True).hidden_states
