@@ -97,6 +97,19 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_cache(args: argparse.Namespace) -> int:
+    from mlsae.cache import write_cache
+
+    given = vars(args)
+    out = write_cache(args.model, args.out, args.tokens, layers=args.layers,
+                      data=build_config(C.DataConfig, given), store_dtype=args.store_dtype,
+                      batch_size=args.batch_size, seed=args.seed,
+                      shard_sequences=args.shard_sequences, device=args.device,
+                      dtype=args.dtype)
+    print(f"activation cache: {out}")
+    return 0
+
+
 def format_layer_table(summary: dict) -> str:
     pl = summary["per_layer"]
     lines = [f"held-out tokens: {summary['tokens']}  dead fraction: "
@@ -129,6 +142,30 @@ def build_parser() -> argparse.ArgumentParser:
     for cls in (C.SAEConfig, C.DataConfig, C.TrainConfig):
         add_dataclass_options(p, cls)
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("cache", help="write resid_post activations to disk for training",
+                       description="Stream training text through the LM once and store the "
+                       "resid_post of the chosen layers (included positions only) in shards; "
+                       "train on it with `mlsae train --activations DIR`.")
+    p.add_argument("--out", required=True, help="cache folder (must not hold a cache)")
+    p.add_argument("--model", default=C.TrainConfig.model, help="language model (default: "
+                   f"{C.TrainConfig.model})")
+    p.add_argument("--layers", default="all", help="layers, as for train (default: all)")
+    p.add_argument("--tokens", type=_number(int), default=100_000,
+                   help="packed tokens to cache (default: 100000)")
+    p.add_argument("--store-dtype", default="float16",
+                   help="float16, bfloat16 or float32 (default: float16)")
+    p.add_argument("--batch-size", type=int, default=C.TrainConfig.batch_size,
+                   help="sequences per LM forward; use the training --batch-size to "
+                   f"reproduce a streaming run exactly (default: {C.TrainConfig.batch_size})")
+    p.add_argument("--seed", type=int, default=0, help="data-order seed, as for train "
+                   "(default: 0)")
+    p.add_argument("--shard-sequences", type=int, default=64,
+                   help="sequences per shard file (default: 64)")
+    p.add_argument("--device", default="auto", help="torch device (default: auto)")
+    p.add_argument("--dtype", default="float32", help="LM dtype (default: float32)")
+    add_dataclass_options(p, C.DataConfig)
+    p.set_defaults(func=_cmd_cache)
     # Other subcommands register themselves here (each module: add_commands(sub)).
     from mlsae import baselines, compare, evaluate
 

@@ -129,6 +129,14 @@ class TrainConfig:
     `float32`); activations, weights and gradients stay float32. bfloat16 measured ~2.5x
     faster with no FVU cost. Evaluation always uses float32."""
 
+    activations: str | None = None
+    """Train from an activation cache written by `mlsae cache` instead of running the LM
+    (the cache fixes the model, layers and data settings)."""
+
+    cache_shuffle: bool = True
+    """Shuffle cached sequences across shards every epoch (off: the stream order, which
+    reproduces a streaming run exactly)."""
+
     threads: int | None = None
     """CPU threads for torch (default: torch's own choice)."""
 

@@ -10,6 +10,7 @@ A run folder holds:
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -18,17 +19,19 @@ import shutil
 import signal
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch import Tensor
 from torch.distributed import ReduceOp
 from tqdm.auto import tqdm
 
 from mlsae import config as C
 from mlsae.activations import batch_activations, check_finite
+from mlsae.cache import CachedActivations
 from mlsae.data import TokenSource, batches, include_mask
 from mlsae.distributed import Dist, all_gather_rows, all_reduce_, barrier, init_from_env
 from mlsae.errors import UserError
@@ -288,20 +291,32 @@ class _StopFlag:
         tqdm.write("Ctrl-C: finishing this step, saving a checkpoint (Ctrl-C again to abort)")
 
 
-def fit(trainers: list[Trainer], lm: LanguageModel, source: TokenSource,
+def lm_stream(lm: LanguageModel, source: TokenSource, cfg: RunConfig, layers: list[int],
+              start: int, device: torch.device, d_: Dist) -> Iterator[tuple[Tensor, int]]:
+    """(x [layer, token, d_model] of this rank's sequences, sequences in the global batch).
+
+    The first batch is read and checked eagerly, so an empty or all-excluded dataset fails
+    before any run folder is written."""
+    it = batches(source.train_sequences(start=start), cfg.train.batch_size)
+    first = next(it)
+    if start == 0 and not include_mask(first, lm.special_ids, cfg.data).any():
+        raise UserError(f"--dataset {cfg.data.dataset!r}: every position of the first "
+                        "batch is excluded (special tokens / --exclude-first)")
+
+    def gen():
+        for ids in itertools.chain([first], it):
+            x, _ = batch_activations(lm, ids[d_.rank::d_.world], layers, cfg.data, device)
+            yield x, len(ids)
+
+    return gen()
+
+
+def fit(trainers: list[Trainer], stream: Iterator[tuple[Tensor, int]],
         on_step: Callable[[Trainer], None] | None = None, progress: bool = True) -> bool:
     """Train every trainer on the same activations (one LM forward per batch) to its token
     budget. Returns False if stopped early by Ctrl-C (checkpoints saved), True when done."""
     lead = trainers[0]
     cfg, d_ = lead.cfg, lead.dist
-    it = batches(source.train_sequences(start=lead.sequences), cfg.train.batch_size)
-    # Read the first batch before writing anything: an empty or all-excluded dataset
-    # must fail without leaving a half-made run folder.
-    first = next(it)
-    if lead.step == 0 and not include_mask(first, lm.special_ids, cfg.data).any():
-        raise UserError(f"--dataset {cfg.data.dataset!r}: every position of the first "
-                        "batch is excluded (special tokens / --exclude-first)")
-    it = itertools.chain([first], it)
     for tr in trainers:
         if d_.is_main:
             tr.run_dir.mkdir(parents=True, exist_ok=True)
@@ -313,16 +328,14 @@ def fit(trainers: list[Trainer], lm: LanguageModel, source: TokenSource,
     t0, tok0 = time.perf_counter(), 0
     try:
         while lead.step < lead.total_steps and not stop.set:
-            ids = next(it)
-            x, _ = batch_activations(lm, ids[d_.rank::d_.world], lead.layers, cfg.data,
-                                     lead.device)
+            x, n_seq = next(stream)
             check_finite(x, "activations", lead.step)
-            tok0 += ids.numel()
-            bar.update(ids.numel())
+            tok0 += n_seq * cfg.data.ctx_len
+            bar.update(n_seq * cfg.data.ctx_len)
             rate = tok0 / (time.perf_counter() - t0)
             for tr in trainers:
-                m = tr.sae_step(x)
-                tr.sequences += len(ids)
+                m = tr.sae_step(x.to(tr.device))
+                tr.sequences += n_seq
                 if m:
                     tr.log(m, rate)
             if m:
@@ -475,6 +488,18 @@ def _plan(cfg: RunConfig | None, resume, given: dict, sweep: str | None):
     return root, plan
 
 
+def adopt_cache_manifest(cfg: RunConfig, manifest: dict) -> None:
+    """A run trained from a cache takes the cache's model, layers and data settings."""
+    layers = ",".join(map(str, manifest["layers"]))
+    if cfg.train.layers not in ("all", layers):
+        raise UserError(f"--layers {cfg.train.layers!r} disagrees with the activation cache's "
+                        f"layers {layers}")
+    cfg.train.model, cfg.train.layers = manifest["model"], layers
+    cached = C.from_dict(C.DataConfig, manifest["data"])
+    cfg.data = dataclasses.replace(cached, holdout_fraction=cfg.data.holdout_fraction,
+                                   eval_dataset=cfg.data.eval_dataset)
+
+
 def train(cfg: RunConfig | None = None, resume: str | os.PathLike | None = None,
           given: dict | None = None, lm: LanguageModel | None = None,
           on_step: Callable[[Trainer], None] | None = None, progress: bool = True,
@@ -496,16 +521,24 @@ def train(cfg: RunConfig | None = None, resume: str | os.PathLike | None = None,
     if lead.train.batch_size % dist_info.world:
         raise UserError(f"--batch-size {lead.train.batch_size} is not divisible by the "
                         f"{dist_info.world} ranks")
-    if lm is None:
-        n_layers, d_model = peek_shape(lead.train.model)  # fail on bad flags before loading
-        C.resolve_layers(lead.train.layers, n_layers)
+    cache = None
+    if lead.train.activations:
+        cache = CachedActivations(lead.train.activations, lead.train.cache_shuffle,
+                                  lead.train.seed)
         for c, _ in plan:
-            if c.sae.k > c.sae.expansion_factor * d_model:
-                raise UserError(f"--k {c.sae.k} exceeds n_latents "
-                                f"{c.sae.expansion_factor * d_model}")
+            adopt_cache_manifest(c, cache.manifest)
+        n_layers, d_model = cache.manifest["n_lm_layers"], cache.manifest["d_model"]
+    elif lm is None:
+        n_layers, d_model = peek_shape(lead.train.model)  # fail on bad flags before loading
+    else:
+        n_layers, d_model = lm.n_layers, lm.d_model
+    layers = C.resolve_layers(lead.train.layers, n_layers)
+    for c, _ in plan:
+        if c.sae.k > c.sae.expansion_factor * d_model:
+            raise UserError(f"--k {c.sae.k} exceeds n_latents {c.sae.expansion_factor * d_model}")
+    if lm is None and cache is None:
         lm = load_lm(lead.train.model, lead.train.device, lead.train.dtype)
-    layers = C.resolve_layers(lead.train.layers, lm.n_layers)
-    trainers = [Trainer(c, lm.d_model, layers, folder, device, dist_info) for c, folder in plan]
+    trainers = [Trainer(c, d_model, layers, folder, device, dist_info) for c, folder in plan]
     if resume is not None:
         for tr in trainers:
             tr.load(tr.run_dir / "checkpoint")
@@ -516,10 +549,18 @@ def train(cfg: RunConfig | None = None, resume: str | os.PathLike | None = None,
         root.mkdir(parents=True, exist_ok=True)
         (root / "sweep.json").write_text(json.dumps(
             {"sweep": sweep, "runs": [f.name for _, f in plan]}, indent=2) + "\n")
-    source = TokenSource(lead.data, lm.tokenizer, lm.eos_id, seed=lead.train.seed)
-    finished = fit(trainers, lm, source, on_step=on_step, progress=progress)
+    start = trainers[0].sequences
+    if cache is not None:
+        stream = cache.batches(lead.train.batch_size, start, dist_info.rank, dist_info.world)
+    else:
+        source = TokenSource(lead.data, lm.tokenizer, lm.eos_id, seed=lead.train.seed)
+        stream = lm_stream(lm, source, lead, layers, start, device, dist_info)
+    finished = fit(trainers, stream, on_step=on_step, progress=progress)
     summaries: list[dict | None] = [None] * len(trainers)
     if finished and lead.train.eval_tokens > 0 and dist_info.is_main:
+        if lm is None:  # trained from a cache: the held-out check still needs the LM
+            lm = load_lm(lead.train.model, lead.train.device, lead.train.dtype)
+        source = TokenSource(lead.data, lm.tokenizer, lm.eos_id, seed=lead.train.seed)
         summaries = heldout_summaries(trainers, lm, source, int(lead.train.eval_tokens),
                                       progress=progress)
         for tr, summary in zip(trainers, summaries):

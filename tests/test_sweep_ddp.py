@@ -85,3 +85,34 @@ def test_two_rank_torchrun_matches_one_process(tiny_model_dir, text_file, tmp_pa
         assert abs(ra["loss"] - rb["loss"]) < 1e-4
     state = json.loads((tmp_path / "two" / "checkpoint" / "state.json").read_text())
     assert state["step"] == 6 and state["sequences"] == 24
+
+
+def test_activation_cache_equals_streaming(tiny_lm, tiny_model_dir, text_file, tmp_path):
+    from safetensors import safe_open
+
+    from mlsae.cache import read_manifest, write_cache
+    from mlsae.config import DataConfig
+    from mlsae.lm import load_lm
+
+    lm = load_lm(str(tiny_model_dir))
+    data = DataConfig(dataset=str(text_file), ctx_len=32)
+    write_cache(str(tiny_model_dir), tmp_path / "cache", 4 * 32 * 12, data=data,
+                store_dtype="float32", batch_size=4, shard_sequences=10, progress=False)
+    man = read_manifest(tmp_path / "cache")
+    assert man["layers"] == [0, 1, 2, 3] and man["sequences"] == 48 and len(man["shards"]) == 4
+    with safe_open(str(tmp_path / "cache" / "shard_00000.safetensors"), "pt") as f:
+        assert f.get_tensor("acts").shape[:1] == (4,) and f.get_tensor("acts").shape[2] == 32
+    stream = small_cfg(text_file, tmp_path / "stream", model=str(tiny_model_dir))
+    train(stream, lm=lm, progress=False)
+    cached = small_cfg(text_file, tmp_path / "cached", activations=str(tmp_path / "cache"),
+                       cache_shuffle=False)
+    res = train(cached, progress=False)
+    a, b = weights(tmp_path / "stream"), weights(tmp_path / "cached")
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert res["summary"] is not None
+    cfg = json.loads((tmp_path / "cached" / "config.json").read_text())
+    assert cfg["model"] == str(tiny_model_dir) and cfg["layers"] == [0, 1, 2, 3]
+    shuffled = small_cfg(text_file, tmp_path / "shuf", activations=str(tmp_path / "cache"))
+    train(shuffled, progress=False)
+    c = weights(tmp_path / "shuf")
+    assert not torch.equal(a["W_dec"], c["W_dec"])
