@@ -269,8 +269,14 @@ class MLSAE(nn.Module):
                 raise UserError(f"checkpoint {str(path)!r}: no such folder")
             from huggingface_hub import snapshot_download
 
-            folder = Path(snapshot_download(str(path), revision=revision,
-                                            allow_patterns=["config.json", "model.safetensors"]))
+            try:
+                folder = Path(snapshot_download(
+                    str(path), revision=revision,
+                    allow_patterns=["config.json", "model.safetensors"]))
+            except Exception as e:  # offline, unknown repo, auth: all one line for the user
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                raise UserError(f"checkpoint {str(path)!r}: no such folder, and not "
+                                f"downloadable from the hub ({first})") from None
         return cls._load_folder(folder, device)
 
     @classmethod

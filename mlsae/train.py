@@ -518,6 +518,9 @@ def train(cfg: RunConfig | None = None, resume: str | os.PathLike | None = None,
         torch.set_num_threads(lead.train.threads)
     device = resolve_device(lead.train.device)
     dist_info = init_from_env(device)
+    if dist_info.enabled and device.type == "cuda":  # one GPU per rank
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
     if lead.train.batch_size % dist_info.world:
         raise UserError(f"--batch-size {lead.train.batch_size} is not divisible by the "
                         f"{dist_info.world} ranks")
@@ -537,7 +540,7 @@ def train(cfg: RunConfig | None = None, resume: str | os.PathLike | None = None,
         if c.sae.k > c.sae.expansion_factor * d_model:
             raise UserError(f"--k {c.sae.k} exceeds n_latents {c.sae.expansion_factor * d_model}")
     if lm is None and cache is None:
-        lm = load_lm(lead.train.model, lead.train.device, lead.train.dtype)
+        lm = load_lm(lead.train.model, str(device), lead.train.dtype)
     trainers = [Trainer(c, d_model, layers, folder, device, dist_info) for c, folder in plan]
     if resume is not None:
         for tr in trainers:
@@ -559,7 +562,7 @@ def train(cfg: RunConfig | None = None, resume: str | os.PathLike | None = None,
     summaries: list[dict | None] = [None] * len(trainers)
     if finished and lead.train.eval_tokens > 0 and dist_info.is_main:
         if lm is None:  # trained from a cache: the held-out check still needs the LM
-            lm = load_lm(lead.train.model, lead.train.device, lead.train.dtype)
+            lm = load_lm(lead.train.model, str(device), lead.train.dtype)
         source = TokenSource(lead.data, lm.tokenizer, lm.eos_id, seed=lead.train.seed)
         summaries = heldout_summaries(trainers, lm, source, int(lead.train.eval_tokens),
                                       progress=progress)

@@ -182,3 +182,9 @@ def test_no_dense_code_in_decode():
     want = np.einsum("nk,nkd->nd", acts.numpy(), sae.W_dec.detach().numpy()[idx.numpy()])
     got = sae.decode_standardized(acts, idx) - sae.b_dec
     np.testing.assert_allclose(got.detach().numpy(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_missing_checkpoint_that_looks_like_a_hub_id(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match="no such folder, and not downloadable"):
+        MLSAE.from_pretrained("runs/nosuch")

@@ -1,0 +1,181 @@
+"""`mlsae compare`: the MLSAE against single-layer SAEs, layer by layer (FVU, dCE, L0).
+
+Reads `eval.json` of the MLSAE and of every single-layer checkpoint directly under the
+baselines folder (e.g. `layer_<l>/` from `mlsae baselines`). A checkpoint without eval.json
+is evaluated first (writing its eval.json), with the text options and ablation recorded in the
+MLSAE's eval.json, so that every number comes from the same text; when the MLSAE has no
+eval.json either, with the given options. The LM loads once, only if something is evaluated.
+Results computed on different text or ablations are still compared, with a printed note.
+
+Writes in `out_dir` (default: the MLSAE folder):
+  compare.csv  layer,mlsae_fvu,baseline_fvu,mlsae_dce,baseline_dce,mlsae_l0,baseline_l0
+               one row per layer of either; empty cell where that SAE has no such layer
+  compare.png  FVU, dCE and L0 over layers, MLSAE vs single-layer SAEs
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from mlsae.errors import UserError
+from mlsae.evaluate import evaluate
+from mlsae.lm import LanguageModel
+from mlsae.runs import TextOptions, add_text_options, load_run_lm, load_sae, text_options
+
+METRICS = ("fvu", "dce", "l0")
+COLUMNS = ["layer"] + [f"{who}_{m}" for m in METRICS for who in ("mlsae", "baseline")]
+
+
+def baseline_folders(root: Path) -> dict[int, Path]:
+    """{layer: folder} of the single-layer checkpoints directly under `root`."""
+    if not root.is_dir():
+        raise UserError(f"baselines folder {str(root)!r}: no such folder")
+    found = {}
+    for folder in sorted(p for p in root.iterdir() if (p / "config.json").is_file()):
+        try:
+            layers = json.loads((folder / "config.json").read_text())["layers"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue  # not an SAE checkpoint
+        if len(layers) == 1:
+            found[int(layers[0])] = folder
+    if not found:
+        raise UserError(f"{str(root)!r} holds no single-layer SAE checkpoint (run mlsae "
+                        "baselines first)")
+    return dict(sorted(found.items()))
+
+
+class _Evaluations:
+    """eval.json of a checkpoint folder, computed (and written) when missing."""
+
+    def __init__(self, opts: TextOptions, ablation: str, lm: LanguageModel | None,
+                 progress: bool):
+        self.opts, self.ablation, self.lm, self.progress = opts, ablation, lm, progress
+
+    def get(self, folder: Path) -> dict:
+        path = folder / "eval.json"
+        if path.is_file():
+            try:
+                return json.loads(path.read_text())
+            except json.JSONDecodeError as e:
+                raise UserError(f"{str(path)!r} is not valid JSON ({e}): delete it to "
+                                "re-evaluate") from None
+        print(f"evaluating {folder} (no eval.json)", file=sys.stderr)
+        if self.lm is None:
+            self.lm = load_run_lm(load_sae(folder), self.opts)
+        return evaluate(folder, self.opts, ablation=self.ablation, lm=self.lm,
+                        progress=self.progress)
+
+    def follow(self, recorded: dict) -> None:
+        """Evaluate from now on with the options recorded in an eval.json."""
+        opts = recorded.get("options")
+        if opts:
+            self.opts = replace(TextOptions(**opts), device=self.opts.device,
+                                model=self.opts.model or opts.get("model"))
+        self.ablation = recorded.get("ablation", self.ablation)
+
+
+def _at(res: dict, layer: int) -> dict:
+    if layer not in res["layers"]:
+        return {}
+    i = res["layers"].index(layer)
+    return {m: res["per_layer"][m][i] for m in METRICS}
+
+
+def comparison_rows(mlsae: dict, base: dict[int, dict]) -> list[dict]:
+    """One row per layer: {"layer", "mlsae_<metric>", "baseline_<metric>"} (None: absent)."""
+    rows = []
+    for layer in sorted(set(mlsae["layers"]) | set(base)):
+        m, b = _at(mlsae, layer), _at(base.get(layer, {"layers": []}), layer)
+        row = {"layer": layer}
+        for metric in METRICS:
+            row[f"mlsae_{metric}"], row[f"baseline_{metric}"] = m.get(metric), b.get(metric)
+        rows.append(row)
+    return rows
+
+
+def _mismatch(results: list[dict]) -> str | None:
+    keys = ("dataset", "tokens", "ablation")
+    seen = {tuple(r.get(k) for k in keys) for r in results}
+    if len(seen) > 1:
+        return ("the eval.json files differ in text or ablation "
+                f"({', '.join(keys)}: {sorted(map(str, seen))}): compare with care")
+    return None
+
+
+def compare(mlsae_dir: str | Path, baselines_dir: str | Path, out_dir: str | Path | None = None,
+            opts: TextOptions | None = None, lm: LanguageModel | None = None,
+            progress: bool = True) -> dict:
+    """Compare an MLSAE with its single-layer baselines; writes compare.csv and compare.png.
+
+    Returns {"rows", "csv", "png"} and "note" when the evaluations used different text.
+    """
+    from mlsae.plots.eval import compare_figure
+
+    mlsae_dir, root = Path(mlsae_dir), Path(baselines_dir)
+    load_sae(mlsae_dir)  # a missing or broken checkpoint fails here, before any work
+    folders = baseline_folders(root)
+    evals = _Evaluations(opts or TextOptions(), "zero", lm, progress)
+    mlsae = evals.get(mlsae_dir)
+    evals.follow(mlsae)
+    base = {layer: evals.get(folder) for layer, folder in folders.items()}
+    rows = comparison_rows(mlsae, base)
+    out = Path(out_dir) if out_dir is not None else mlsae_dir
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "compare.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        w.writerows({k: "" if v is None else v for k, v in row.items()} for row in rows)
+    compare_figure(rows, out / "compare.png")
+    res = {"rows": rows, "csv": str(out / "compare.csv"), "png": str(out / "compare.png")}
+    note = _mismatch([mlsae, *base.values()])
+    if note:
+        res["note"] = note
+    return res
+
+
+# ---- CLI ---------------------------------------------------------------------------------
+def _cell(v: float | None) -> str:
+    return f"{'-':>9}" if v is None else f"{v:>9.4f}"
+
+
+def format_comparison(rows: list[dict]) -> str:
+    lines = [f"{'layer':>5} " + " ".join(f"{c:>9}" for c in ("FVU", "FVU_1L", "dCE", "dCE_1L",
+                                                               "L0", "L0_1L"))]
+    for row in rows:
+        lines.append(f"{row['layer']:>5} " + " ".join(_cell(row[c]) for c in COLUMNS[1:]))
+    both = [r for r in rows if r["mlsae_fvu"] is not None and r["baseline_fvu"] is not None]
+    if both:
+        means = [sum(r[c] for r in both) / len(both) for c in COLUMNS[1:]]
+        lines.append(f"{'mean':>5} " + " ".join(_cell(v) for v in means)
+                     + f"   (over the {len(both)} layers with both)")
+    return "\n".join(lines)
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    res = compare(args.mlsae, args.baselines, out_dir=args.out_dir, opts=text_options(args))
+    print("MLSAE vs single-layer SAEs (_1L)")
+    print(format_comparison(res["rows"]))
+    if "note" in res:
+        print(f"note: {res['note']}", file=sys.stderr)
+    print(f"wrote {res['csv']} and {res['png']}")
+    return 0
+
+
+def add_commands(sub) -> None:
+    """Register `mlsae compare` on the subparsers object `sub`."""
+    p = sub.add_parser(
+        "compare", help="MLSAE vs single-layer SAEs: FVU, dCE and L0 per layer",
+        description="Compare an MLSAE with single-layer SAEs (e.g. <run>/baselines) layer by "
+        "layer from their eval.json; checkpoints without one are evaluated first, on the text "
+        "recorded in the MLSAE's eval.json (else the options below).")
+    p.add_argument("mlsae", help="the MLSAE's checkpoint or run folder")
+    p.add_argument("baselines", help="folder holding single-layer checkpoints (layer_<l>/)")
+    p.add_argument("--out-dir", help="where compare.csv and compare.png go (default: the "
+                   "MLSAE folder)")
+    add_text_options(p)
+    p.set_defaults(func=_cmd_compare)

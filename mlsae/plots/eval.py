@@ -1,0 +1,69 @@
+"""Figures of `mlsae baselines` and `mlsae compare` (matplotlib's Agg canvas, PNG files).
+
+Figures are built with `matplotlib.figure.Figure` and never through pyplot, so no GUI backend
+is touched and nothing global changes for a caller that uses pyplot itself.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+# Cells above this FVU share the top colour: worse than predicting the mean is "bad" already,
+# and letting a far-off layer's FVU of 50 set the scale would wash out the rest.
+FVU_VMAX = 1.0
+ANNOTATE_MAX = 12  # write the value in each cell up to this many rows/columns
+
+
+def _figure(width: float, height: float) -> Figure:
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def fvu_matrix_figure(matrix: torch.Tensor, train_layers: list[int], eval_layers: list[int],
+                      path: str | Path) -> Path:
+    """Heatmap of `matrix [train layer, eval layer]` FVU values."""
+    n_rows, n_cols = matrix.shape
+    fig = _figure(max(4.0, 0.35 * n_cols + 2.5), max(3.0, 0.35 * n_rows + 1.5))
+    ax = fig.add_subplot()
+    im = ax.imshow(matrix.numpy(), cmap="viridis", vmin=0.0, vmax=FVU_VMAX, aspect="auto")
+    fig.colorbar(im, ax=ax, extend="max", label="FVU")
+    ax.set_xticks(range(n_cols), [str(v) for v in eval_layers])
+    ax.set_yticks(range(n_rows), [str(v) for v in train_layers])
+    ax.set_xlabel("evaluated on layer")
+    ax.set_ylabel("single-layer SAE trained on layer")
+    ax.set_title("FVU of single-layer SAEs across layers")
+    if max(n_rows, n_cols) <= ANNOTATE_MAX:
+        for i in range(n_rows):
+            for j in range(n_cols):
+                v = float(matrix[i, j])
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
+                        color="black" if v > 0.6 * FVU_VMAX else "white")
+    fig.savefig(path, dpi=120)
+    return Path(path)
+
+
+def compare_figure(rows: list[dict], path: str | Path) -> Path:
+    """FVU, dCE and L0 over layers: MLSAE vs single-layer SAEs (rows of `compare`)."""
+    fig = _figure(11.0, 3.4)
+    titles = {"fvu": "FVU", "dce": "dCE (nats)", "l0": "L0"}
+    for ax, (metric, title) in zip(fig.subplots(1, 3), titles.items()):
+        for who, label, style in (("mlsae", "MLSAE", "o-"), ("baseline", "single-layer", "s--")):
+            pts = [(r["layer"], r[f"{who}_{metric}"]) for r in rows
+                   if r[f"{who}_{metric}"] is not None]
+            if pts:
+                ax.plot(*zip(*pts), style, label=label, markersize=4)
+        if metric == "dce":
+            ax.axhline(0.0, color="grey", linewidth=0.8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("layer")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    fig.axes[0].legend()
+    fig.savefig(path, dpi=120)
+    return Path(path)

@@ -1,0 +1,266 @@
+"""`mlsae eval / baselines / compare` on tiny models, against independent computations."""
+
+import csv
+import json
+import math
+import os
+import shutil
+import signal
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_tiny_lm
+
+from mlsae import DataConfig, SAEConfig, TrainConfig
+from mlsae.baselines import baseline_config, baselines
+from mlsae.cli import main
+from mlsae.compare import compare
+from mlsae.data import include_mask
+from mlsae.evaluate import evaluate, kl_div
+from mlsae.runs import TextOptions, eval_batches
+from mlsae.sae import MLSAE
+from mlsae.train import RunConfig, train
+
+TOKENS = 512  # 16 held-out sequences of 32
+
+
+def run_cfg(model_dir, text_file, out, layers="0,1", tokens=4 * 32 * 4):
+    return RunConfig(SAEConfig(expansion_factor=2, k=4),
+                     DataConfig(dataset=str(text_file), ctx_len=32),
+                     TrainConfig(model=str(model_dir), layers=layers, tokens=tokens,
+                                 batch_size=4, eval_tokens=0, dead_tokens=100, out=str(out)))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """On models this small a second torch thread only adds synchronisation waits, which
+    cost seconds per evaluation on a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def run(tiny_lm, tiny_model_dir, text_file, tmp_path_factory):
+    """A tiny MLSAE on layers 0,1 of the 4-layer tiny Llama (saved as tiny_model_dir)."""
+    out = tmp_path_factory.mktemp("eval") / "run"
+    train(run_cfg(tiny_model_dir, text_file, out), lm=tiny_lm, progress=False)
+    return out
+
+
+def opts(**kw):
+    return TextOptions(**dict(dict(tokens=TOKENS, batch_size=4), **kw))
+
+
+def test_fvu_mse_l0_match_numpy(run, tiny_lm, tmp_path):
+    res = evaluate(run, opts(), out=tmp_path / "e.json", lm=tiny_lm, progress=False)
+    sae = MLSAE.from_pretrained(run)
+    data_cfg, batch_list, _ = eval_batches(sae, tiny_lm, opts())
+    ids = torch.cat(batch_list)
+    mask = include_mask(ids, tiny_lm.special_ids, data_cfg)
+    with torch.no_grad():
+        hs = tiny_lm.model(ids, output_hidden_states=True).hidden_states
+    assert res["layers"] == [0, 1] and res["included_tokens"] == int(mask.sum())
+    for i, layer in enumerate(res["layers"]):
+        x = hs[layer + 1][mask].double().numpy()  # independent capture: block l's output
+        with torch.no_grad():
+            out = sae(torch.from_numpy(x).float())
+        x_hat = out.x_hat.double().numpy()
+        fvu = ((x_hat - x) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
+        mse = ((x_hat - x) ** 2).mean()
+        l0 = (out.code.acts > 0).sum(-1).double().mean().item()
+        assert res["per_layer"]["fvu"][i] == pytest.approx(fvu, rel=1e-5)
+        assert res["per_layer"]["mse"][i] == pytest.approx(mse, rel=1e-5)
+        assert res["per_layer"]["l0"][i] == pytest.approx(l0, rel=1e-9)
+    assert res["mean"]["fvu"] == pytest.approx(np.mean(res["per_layer"]["fvu"]))
+
+
+def test_ce_matches_direct_computation(run, tiny_lm, tmp_path):
+    """CE_clean = mean -log p(next token) at included positions t < ctx_len - 1."""
+    res = evaluate(run, opts(), out=tmp_path / "e.json", lm=tiny_lm, progress=False)
+    sae = MLSAE.from_pretrained(run)
+    data_cfg, batch_list, _ = eval_batches(sae, tiny_lm, opts())
+    ids = torch.cat(batch_list)
+    pos = include_mask(ids, tiny_lm.special_ids, data_cfg)[:, :-1]
+    with torch.no_grad():
+        logp = tiny_lm.model(ids).logits[:, :-1].double().log_softmax(-1)
+    ce = -logp.gather(2, ids[:, 1:, None]).squeeze(2)[pos].mean().item()
+    assert res["ce_positions"] == int(pos.sum())
+    assert res["per_layer"]["ce_clean"] == pytest.approx([ce, ce], rel=1e-5)
+
+
+def _patch_x_hat(monkeypatch, make):
+    """Keep the SAE's codes (for L0) but make its reconstruction `make(x)`."""
+    real = MLSAE.forward
+
+    def forward(self, x, dead=None, auxk=0):
+        return real(self, x, dead, auxk)._replace(x_hat=make(x))
+
+    monkeypatch.setattr(MLSAE, "forward", forward)
+
+
+def test_identity_splice_is_exact(run, tiny_lm, tmp_path, monkeypatch):
+    _patch_x_hat(monkeypatch, lambda x: x.clone())
+    res = evaluate(run, opts(), out=tmp_path / "e.json", lm=tiny_lm, progress=False)
+    pl = res["per_layer"]
+    assert pl["fvu"] == [0.0, 0.0]
+    assert pl["dce"] == [0.0, 0.0] and pl["kl"] == [0.0, 0.0]
+    assert pl["ce_recovered"] == [1.0, 1.0] and pl["ce_recon"] == pl["ce_clean"]
+    assert all(z > c for z, c in zip(pl["ce_zero"], pl["ce_clean"]))
+
+
+def test_zero_splice_recovers_nothing(run, tiny_lm, tmp_path, monkeypatch):
+    _patch_x_hat(monkeypatch, torch.zeros_like)
+    res = evaluate(run, opts(), out=tmp_path / "e.json", lm=tiny_lm, progress=False)
+    pl = res["per_layer"]
+    assert pl["ce_recovered"] == [0.0, 0.0] and pl["ce_recon"] == pl["ce_zero"]
+    assert all(k > 0 for k in pl["kl"])
+
+
+def test_mean_ablation(run, tiny_lm, tmp_path):
+    zero = evaluate(run, opts(), out=tmp_path / "z.json", lm=tiny_lm, progress=False)
+    mean = evaluate(run, opts(), out=tmp_path / "m.json", ablation="mean", lm=tiny_lm,
+                    progress=False)
+    assert mean["ablation"] == "mean"
+    assert mean["per_layer"]["ce_recon"] == zero["per_layer"]["ce_recon"]
+    assert mean["per_layer"]["ce_zero"] != zero["per_layer"]["ce_zero"]
+
+
+def test_kl_by_hand():
+    p, q = [0.5, 0.25, 0.25], [0.25, 0.5, 0.25]
+    logits = torch.log(torch.tensor([p, q, p]))
+    logp = logits.log_softmax(-1)
+    logq = torch.log(torch.tensor([q, p, p])).log_softmax(-1)
+    want = [sum(a * math.log(a / b) for a, b in zip(p, q)),
+            sum(b * math.log(b / a) for a, b in zip(p, q)), 0.0]
+    got = kl_div(logp, logq).tolist()
+    assert got == pytest.approx(want, abs=1e-7)
+    assert want[0] == pytest.approx(0.25 * math.log(2))
+
+
+def test_cli_eval_writes_json_and_table(run, tmp_path, capsys):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(run, ckpt, ignore=shutil.ignore_patterns("checkpoint", "*.jsonl"))
+    assert main(["eval", str(ckpt), "--tokens", str(TOKENS), "--batch-size", "4"]) == 0
+    out = capsys.readouterr().out
+    res = json.loads((ckpt / "eval.json").read_text())
+    assert {"checkpoint", "model", "tokens", "layers", "per_layer", "mean", "dead_fraction",
+            "ablation"} <= set(res)
+    assert {"fvu", "mse", "l0", "dce", "kl", "ce_recovered", "ce_clean", "ce_recon",
+            "ce_zero", "alive"} <= set(res["per_layer"])
+    assert {"fvu", "l0", "dce", "kl", "ce_recovered"} <= set(res["mean"])
+    assert all(len(v) == 2 for v in res["per_layer"].values())
+    assert res["tokens"] == TOKENS and "note" not in res and res["ablation"] == "zero"
+    table = {r.split()[0]: r.split() for r in out.splitlines() if r.split()}
+    assert float(table["1"][1]) == pytest.approx(res["per_layer"]["fvu"][1], abs=1e-4)
+    assert "mean" in table
+
+
+def test_cli_eval_more_tokens_than_text(run, tmp_path, capsys):
+    assert main(["eval", str(run), "--tokens", "1e7", "--out", str(tmp_path / "e.json"),
+                 "--layers", "1"]) == 0
+    err = capsys.readouterr().err
+    res = json.loads((tmp_path / "e.json").read_text())
+    assert res["layers"] == [1] and res["tokens"] < 10**7
+    assert "asked for 10000000 tokens" in res["note"] and res["note"] in err
+
+
+def test_baselines_matrix_resume_and_skip(run, tiny_lm, tmp_path):
+    cfg = RunConfig.from_dict(json.loads((run / "checkpoint" / "state.json").read_text())
+                              ["config"])
+    # an interrupted baseline for layer 0: `baselines` must resume it, not restart it
+    def ctrl_c_at_2(trainer):
+        if trainer.step == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # handled between steps: checkpoint, stop
+
+    part = train(baseline_config(cfg, 0, run / "baselines" / "layer_0"), lm=tiny_lm,
+                 on_step=ctrl_c_at_2, progress=False)
+    assert not part["finished"]
+    res = baselines(run, opts=opts(tokens=256), lm=tiny_lm, progress=False)
+    assert res["status"] == {0: "trained", 1: "trained"}
+    state = json.loads((run / "baselines" / "layer_0" / "checkpoint" / "state.json").read_text())
+    assert state["finished"] and state["step"] == state["total_steps"]
+    rows = list(csv.reader((run / "baselines" / "fvu_matrix.csv").open()))
+    assert rows[0] == ["train_layer", "0", "1"] and [r[0] for r in rows[1:]] == ["0", "1"]
+    assert (run / "baselines" / "fvu_matrix.png").stat().st_size > 1000
+    # the diagonal is each baseline's own FVU on the same text
+    for layer in (0, 1):
+        own = evaluate(run / "baselines" / f"layer_{layer}", opts(tokens=256),
+                       out=tmp_path / "e.json", lm=tiny_lm, progress=False)
+        assert float(rows[1 + layer][1 + layer]) == pytest.approx(own["per_layer"]["fvu"][0],
+                                                                  rel=1e-4)
+    before = (run / "baselines" / "layer_1" / "model.safetensors").stat().st_mtime_ns
+    again = baselines(run, layers="1", opts=opts(tokens=256), lm=tiny_lm, progress=False)
+    assert again["status"] == {1: "skipped"} and again["train_layers"] == [0, 1]
+    assert (run / "baselines" / "layer_1" / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_compare_writes_csv_and_png(run, tiny_lm, tmp_path):
+    if not (run / "baselines" / "layer_1" / "config.json").is_file():
+        baselines(run, opts=opts(tokens=256), lm=tiny_lm, progress=False)
+    evaluate(run, opts(), lm=tiny_lm, progress=False)  # the MLSAE's eval.json: its text rules
+    for layer in (0, 1):
+        (run / "baselines" / f"layer_{layer}" / "eval.json").unlink(missing_ok=True)
+    res = compare(run, run / "baselines", out_dir=tmp_path, lm=tiny_lm, progress=False)
+    assert "note" not in res  # missing evaluations used the MLSAE's recorded options
+    rows = list(csv.DictReader((tmp_path / "compare.csv").open()))
+    assert [r["layer"] for r in rows] == ["0", "1"]
+    assert list(rows[0]) == ["layer", "mlsae_fvu", "baseline_fvu", "mlsae_dce",
+                             "baseline_dce", "mlsae_l0", "baseline_l0"]
+    mlsae = json.loads((run / "eval.json").read_text())
+    b1 = json.loads((run / "baselines" / "layer_1" / "eval.json").read_text())
+    assert float(rows[1]["mlsae_fvu"]) == pytest.approx(mlsae["per_layer"]["fvu"][1])
+    assert float(rows[1]["baseline_dce"]) == pytest.approx(b1["per_layer"]["dce"][0])
+    assert (tmp_path / "compare.png").stat().st_size > 1000
+
+
+@pytest.fixture(scope="module")
+def narrow_model_dir(tmp_path_factory):
+    lm = make_tiny_lm("llama", n_layers=2, d=16)
+    path = tmp_path_factory.mktemp("narrow")
+    lm.model.save_pretrained(path, safe_serialization=True)
+    lm.tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def shallow_model_dir(tmp_path_factory):
+    lm = make_tiny_lm("llama", n_layers=1, d=32)
+    path = tmp_path_factory.mktemp("shallow")
+    lm.model.save_pretrained(path, safe_serialization=True)
+    lm.tokenizer.save_pretrained(path)
+    return path
+
+
+def test_bad_input_is_one_line_exit_2(run, tmp_path, narrow_model_dir, shallow_model_dir,
+                                      capsys):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    shutil.copy(run / "config.json", broken / "config.json")
+    cases = [
+        (["eval", str(broken)], "missing model.safetensors"),
+        (["eval", str(tmp_path / "nope")], "no such folder"),
+        (["eval", str(run), "--model", str(narrow_model_dir)], "has d_model 16, the "
+         "checkpoint 32"),
+        (["eval", str(run), "--model", str(shallow_model_dir)], "checkpoint layer 1 does "
+         "not exist"),
+        (["eval", str(run), "--layers", "2"], "layer 2 is not in the checkpoint (its "
+         "layers: 0,1)"),
+        (["eval", str(run), "--layers", "x"], "--layers 'x' is malformed"),
+        (["eval", str(run), "--batch-size", "0"], "--batch-size must be positive"),
+        (["baselines", str(run), "--layers", "3"], "layer 3 is not in the checkpoint"),
+        (["baselines", str(broken)], "missing model.safetensors"),
+        (["baselines", str(tmp_path)], "is not a run folder"),
+        (["compare", str(run), str(tmp_path)], "holds no single-layer SAE checkpoint"),
+        (["compare", str(broken), str(tmp_path)], "missing model.safetensors"),
+    ]
+    for argv, msg in cases:
+        code = main(argv)
+        err = capsys.readouterr().err
+        assert code == 2, argv
+        assert msg in err and len(err.strip().splitlines()) == 1, (argv, err)
+    with pytest.raises(SystemExit) as e:
+        main(["eval", str(run), "--ablation", "one"])
+    assert e.value.code == 2 and len(capsys.readouterr().err.strip().splitlines()) == 1
