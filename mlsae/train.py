@@ -1,4 +1,5 @@
-"""Training loop: LM forward -> resid_post of every chosen layer -> one TopK SAE step.
+"""Training loop: LM forward (or an activation cache) -> resid_post of every chosen layer
+-> one TopK SAE step per trainer (several trainers in a sweep, one rank each under torchrun).
 
 A run folder holds:
   config.json, model.safetensors   the latest SAE checkpoint (SPEC §3 format)
@@ -38,6 +39,7 @@ from mlsae.errors import UserError
 from mlsae.lm import LanguageModel, load_lm, peek_shape, resolve_device, resolve_dtype
 from mlsae.metrics import ReconstructionStats
 from mlsae.sae import MLSAE, geometric_median, replace_dir, sparse_decode
+from mlsae.sweep import parse_sweep, sweep_name, with_overrides
 
 # Flags that may differ on --resume: they change how a run is watched, not what it computes.
 RESUME_FREE = {"device", "threads", "log_every", "save_every", "eval_tokens", "out"}
@@ -415,54 +417,6 @@ def merge_resume(stored: RunConfig, given: dict[str, object]) -> RunConfig:
                 flag = "--" + name.replace("_", "-")
                 raise UserError(f"--resume: {flag} {value!r} disagrees with the run's {old!r}")
     return stored
-
-
-SWEEPABLE = {"expansion_factor", "k", "standardize", "lr", "auxk", "auxk_coef", "dead_tokens",
-             "lr_decay", "warmup_steps", "sae_matmul_dtype"}
-_SHORT = {"expansion_factor": "x"}
-
-
-def parse_sweep(spec: str) -> list[dict]:
-    """`"k=16,32 expansion_factor=8,16"` -> one override dict per combination."""
-    axes = []
-    for part in spec.split():
-        key, _, values = part.partition("=")
-        key = key.replace("-", "_")
-        if key not in SWEEPABLE or not values:
-            raise UserError(f"--sweep {part!r}: use key=v1,v2 with key one of "
-                            f"{', '.join(sorted(SWEEPABLE))} (the LM and data are shared)")
-        section = C.SAEConfig if key in C.SAEConfig.__dataclass_fields__ else C.TrainConfig
-        typ = section.__dataclass_fields__[key].type
-        axes.append([(key, _parse_value(v, str(typ), part)) for v in values.split(",")])
-    if not axes:
-        raise UserError("--sweep is empty")
-    return [dict(combo) for combo in itertools.product(*axes)]
-
-
-def _parse_value(text: str, typ: str, part: str):
-    try:
-        if typ.startswith("bool"):
-            if text.lower() not in ("true", "false"):
-                raise ValueError
-            return text.lower() == "true"
-        if typ.startswith("int"):
-            return int(float(text))
-        if typ.startswith("float"):
-            return float(text)
-        return text
-    except ValueError:
-        raise UserError(f"--sweep {part!r}: bad value {text!r}") from None
-
-
-def sweep_name(override: dict) -> str:
-    return "-".join(f"{_SHORT.get(k, k)}{v}" for k, v in override.items())
-
-
-def with_overrides(cfg: RunConfig, override: dict) -> RunConfig:
-    new = RunConfig.from_dict(cfg.to_dict())
-    for key, value in override.items():
-        setattr(new.sae if hasattr(new.sae, key) else new.train, key, value)
-    return new
 
 
 def _plan(cfg: RunConfig | None, resume, given: dict, sweep: str | None):

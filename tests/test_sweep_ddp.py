@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 from test_train import small_cfg
 
 from mlsae.errors import UserError
-from mlsae.train import parse_sweep, train
+from mlsae.sweep import parse_sweep
+from mlsae.train import train
 
 
 def weights(folder):
