@@ -65,10 +65,13 @@ class _TopKEncode(torch.autograd.Function):
                               W_enc.to(matmul_dtype))
         vals, idx = pre.topk(k, dim=-1, sorted=False)
         if dead is not None:
-            pre.masked_fill_(~dead, float("-inf"))
-            aux_vals, aux_idx = pre.topk(auxk, dim=-1, sorted=False)
-            # -inf where fewer dead latents than auxk: relu makes them 0
-            aux_vals = aux_vals.float().clamp_min(-1e30)
+            # Only the dead columns compete, and never more than there are dead latents:
+            # with a handful of dead latents this costs a gather, not a second full top-k.
+            dead_idx = dead.nonzero().squeeze(1)
+            sub = pre.index_select(1, dead_idx)  # [N, n_dead]
+            aux_vals, pos = sub.topk(min(auxk, len(dead_idx)), dim=-1, sorted=False)
+            aux_idx = dead_idx[pos]
+            aux_vals = aux_vals.float()
         else:
             aux_vals = aux_idx = None
         vals = vals.float()

@@ -33,7 +33,7 @@ def dense_reference(sae, x, dead=None, auxk=0):
     aux = None
     if dead is not None:
         masked = pre.masked_fill(~dead, float("-inf"))
-        t = masked.topk(auxk, dim=-1)
+        t = masked.topk(min(auxk, int(dead.sum())), dim=-1)
         amask = torch.zeros_like(pre).scatter(1, t.indices, 1.0) * dead
         aux = torch.relu(pre) * amask @ sae.W_dec
     return x_hat, acts, aux
@@ -50,11 +50,12 @@ def test_forward_matches_dense():
     assert (out.code.acts >= 0).all()
 
 
-@pytest.mark.parametrize("standardize", [True, False])
-def test_sparse_backward_matches_dense_autograd(standardize):
+@pytest.mark.parametrize("standardize,every", [(True, 3), (False, 3), (True, 20)])
+def test_sparse_backward_matches_dense_autograd(standardize, every):
+    """every=20 leaves 4 dead latents, fewer than auxk=6: only those 4 may be used."""
     x = torch.randn(40, 16) * 2
     dead = torch.zeros(64, dtype=torch.bool)
-    dead[::3] = True
+    dead[::every] = True
     grads = []
     for sparse in (True, False):
         sae = make_sae(standardize=standardize)
