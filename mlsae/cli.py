@@ -171,7 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     for module in (evaluate, baselines, compare):
         module.add_commands(sub)
-    # -- analysis commands (analyze, resid-sim, mmcs, examples, report) --
+    import importlib  # by module path: mlsae.analysis re-exports functions named like these
+
+    for name in ("analyze", "resid_sim", "mmcs", "examples", "report"):
+        importlib.import_module(f"mlsae.analysis.{name}").add_commands(sub)
     return parser
 
 
