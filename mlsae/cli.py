@@ -175,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name in ("analyze", "resid_sim", "mmcs", "examples", "report"):
         importlib.import_module(f"mlsae.analysis.{name}").add_commands(sub)
+    importlib.import_module("mlsae.server").add_commands(sub)
     return parser
 
 
