@@ -192,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"mlsae {args.command}: aborted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `mlsae examples --show ... | head`: the reader left
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":
