@@ -111,3 +111,39 @@ def test_empty_dataset_has_no_sequences(tmp_path):
 def test_pydoc_default_source():
     docs = local_documents("pydoc", "text")
     assert len(docs) > 50 and sum(map(len, docs)) > 400_000
+
+
+def _fake_hub(monkeypatch, rows):
+    """Stand-in for `datasets.load_dataset(..., streaming=True)`: no network in tests."""
+    import datasets
+
+    def load_dataset(spec, split, streaming):
+        assert streaming and spec == "owner/corpus" and split == "train"
+        return datasets.IterableDataset.from_generator(lambda: iter(rows))
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+
+
+def test_hub_dataset_streams_splits_and_resumes(monkeypatch, text_file):
+    text = text_file.read_text()
+    rows = [{"text": text[i:i + 2000]} for i in range(0, len(text), 2000)]
+    _fake_hub(monkeypatch, rows)
+    src = TokenSource(DataConfig(dataset="owner/corpus", ctx_len=16, holdout_fraction=0.2),
+                      byte_tokenizer(), EOS)
+    all_seqs = list(pack([r["text"] for r in rows], byte_tokenizer(), EOS, 16))
+    want_train = [s for j, s in enumerate(all_seqs) if not is_holdout(j, 0.2)]
+    train = [s for _, s in zip(range(len(want_train) + 3), src.train_sequences(0))]
+    assert all(torch.equal(a, b) for a, b in zip(train, want_train + want_train[:3]))
+    resumed = [s for _, s in zip(range(5), src.train_sequences(len(want_train) - 2))]
+    assert all(torch.equal(a, b) for a, b in zip(resumed, want_train[-2:] + want_train[:3]))
+    held = src.eval_sequences(16 * 4)
+    assert torch.equal(held, torch.stack([s for j, s in enumerate(all_seqs)
+                                          if is_holdout(j, 0.2)][:4]))
+
+
+def test_hub_dataset_missing_column(monkeypatch):
+    from mlsae.data import hub_documents
+
+    _fake_hub(monkeypatch, [{"body": "x"}])
+    with pytest.raises(UserError, match="no text column 'text' .*columns: body"):
+        next(hub_documents("owner/corpus", "train", "text"))
