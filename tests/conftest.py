@@ -71,14 +71,18 @@ def tiny_lm():
     return make_tiny_lm("llama", n_layers=4, d=32)
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory):
-    """The tiny Llama saved as a local folder (safetensors), for CLI tests."""
-    lm = make_tiny_lm("llama", n_layers=4, d=32)
-    path = tmp_path_factory.mktemp("tiny_model")
+def save_tiny_model(path, n_layers: int = 4, d: int = 32):
+    """A tiny random Llama saved as a local model folder (safetensors + tokenizer)."""
+    lm = make_tiny_lm("llama", n_layers=n_layers, d=d)
     lm.model.save_pretrained(path, safe_serialization=True)
     lm.tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """The tiny Llama saved as a local folder, for CLI tests."""
+    return save_tiny_model(tmp_path_factory.mktemp("tiny_model"))
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ import signal
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny_lm
+from conftest import save_tiny_model
 
 from mlsae import DataConfig, SAEConfig, TrainConfig
 from mlsae.baselines import baseline_config, baselines
@@ -218,20 +218,12 @@ def test_compare_writes_csv_and_png(run, tiny_lm, tmp_path):
 
 @pytest.fixture(scope="module")
 def narrow_model_dir(tmp_path_factory):
-    lm = make_tiny_lm("llama", n_layers=2, d=16)
-    path = tmp_path_factory.mktemp("narrow")
-    lm.model.save_pretrained(path, safe_serialization=True)
-    lm.tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_model(tmp_path_factory.mktemp("narrow"), n_layers=2, d=16)
 
 
 @pytest.fixture(scope="module")
 def shallow_model_dir(tmp_path_factory):
-    lm = make_tiny_lm("llama", n_layers=1, d=32)
-    path = tmp_path_factory.mktemp("shallow")
-    lm.model.save_pretrained(path, safe_serialization=True)
-    lm.tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_model(tmp_path_factory.mktemp("shallow"), n_layers=1, d=32)
 
 
 def test_bad_input_is_one_line_exit_2(run, tmp_path, narrow_model_dir, shallow_model_dir,
