@@ -134,10 +134,11 @@ class Trainer:
                 xt, _, _ = self.sae._standardize(all_gather_rows(x.reshape(-1, d), d_))
                 self.sae.b_dec.copy_(geometric_median(xt))
         # Per-layer totals over the GLOBAL batch, so each rank's loss is its share of the
-        # single-process loss: sum_x [layer, d], sum ||x||^2 [layer], tokens.
+        # single-process loss: sum_x [layer, d], sum ||x||^2 [layer], tokens. Row norms and
+        # sums are float32 (pairwise-summed); the cancelling difference is taken in float64.
         with torch.no_grad():
-            x64 = x.double()
-            totals = torch.cat([x64.sum(1).flatten(), x64.pow(2).sum((1, 2)),
+            totals = torch.cat([x.sum(1).double().flatten(),
+                                torch.linalg.vector_norm(x, dim=2).double().square().sum(1),
                                 torch.tensor([float(n_tok)], dtype=torch.float64,
                                              device=x.device)])
             all_reduce_(totals, d_)
@@ -149,20 +150,21 @@ class Trainer:
             var = (sum_sq - sum_x.pow(2).sum(1) / n_all).float().clamp_min(1e-12)  # [layer]
         dead = self.tokens_since_fired >= self.dead_tokens
         n_dead = int(dead.sum())
-        out = self.sae(x.reshape(-1, d), dead=dead.to(self.device) if n_dead else None,
-                       auxk=self.auxk)
-        x_hat = out.x_hat.reshape(n_layers, n_tok, d)
-        err = (x_hat - x).pow(2).sum(dim=(1, 2))  # [layer], this rank
+        out = self.sae.forward_train(x.reshape(-1, d),
+                                     dead=dead.to(self.device) if n_dead else None,
+                                     auxk=self.auxk)
+        err = out.err.view(n_layers, n_tok).sum(1)  # [layer], this rank
         loss = (err / var).mean()
         aux_loss = torch.zeros((), device=self.device)
         if out.aux_acts is not None:
             # Dead latents reconstruct the residual error in standardized space (Gao et al.).
-            e = ((x.reshape(-1, d) - out.x_hat) / (out.code.std + self.sae.eps)).detach()
+            e = -out.resid  # x~ - x~_hat [N, d]
             e_hat = sparse_decode(out.aux_acts, out.aux_idx, self.sae.W_dec)
             with torch.no_grad():
-                e_tot = all_reduce_(torch.cat([e.double().sum(0), e.double().pow(2).sum()[None],
-                                               torch.tensor([float(len(e))], dtype=torch.float64,
-                                                            device=e.device)]), d_)
+                e_tot = all_reduce_(torch.cat([
+                    e.sum(0).double(),
+                    torch.linalg.vector_norm(e, dim=1).double().square().sum()[None],
+                    torch.tensor([float(len(e))], dtype=torch.float64, device=e.device)]), d_)
                 e_var = (e_tot[d] - e_tot[:d].pow(2).sum() / e_tot[-1]).float().clamp_min(1e-12)
             aux_loss = (e_hat - e).pow(2).sum() / e_var * min(n_dead / self.auxk, 1.0)
             loss = loss + self.cfg.train.auxk_coef * aux_loss
@@ -182,8 +184,8 @@ class Trainer:
 
         with torch.no_grad():
             acts, idx = out.code.acts, out.code.idx
-            fired = torch.zeros(self.n_latents, dtype=torch.int32, device=self.device)
-            fired[idx[acts > 1e-3]] = 1
+            fired = torch.bincount(idx.flatten(), weights=(acts > 1e-3).flatten().float(),
+                                   minlength=self.n_latents).gt(0).int()
             l0 = (acts > 0).reshape(n_layers, n_tok, -1).sum(-1).double().sum(1)  # [layer]
             all_reduce_(fired, d_, op=ReduceOp.MAX)
             all_reduce_(l0, d_)

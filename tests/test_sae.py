@@ -189,3 +189,70 @@ def test_missing_checkpoint_that_looks_like_a_hub_id(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(UserError, match="no such folder, and not downloadable"):
         MLSAE.from_pretrained("runs/nosuch")
+
+
+@pytest.mark.parametrize("standardize", [True, False])
+def test_forward_train_error_and_gradients_match_dense(standardize):
+    """forward_train's per-vector error (taken in standardized space) equals
+    ||x_hat - x||^2 of the dense reference, and so do all gradients, AuxK included."""
+    from mlsae.sae import sparse_decode
+    x = torch.randn(40, 16) * 2 + 0.5
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[::5] = True
+    w = torch.rand(40)  # arbitrary per-vector loss weights, as per-layer 1/var would be
+    grads = []
+    for fused in (True, False):
+        sae = make_sae(standardize=standardize)
+        if fused:
+            out = sae.forward_train(x, dead=dead, auxk=6)
+            err = out.err
+            ref_x_hat, _, _ = dense_reference(sae, x)
+            torch.testing.assert_close(err, (ref_x_hat - x).pow(2).sum(-1), rtol=1e-4,
+                                       atol=1e-4)
+            scale = out.code.std + sae.eps
+            torch.testing.assert_close(out.resid * scale, ref_x_hat.detach() - x, rtol=1e-4,
+                                       atol=1e-4)
+            aux = sparse_decode(out.aux_acts, out.aux_idx, sae.W_dec)
+        else:
+            x_hat, _, aux = dense_reference(sae, x, dead=dead, auxk=6)
+            err = (x_hat - x).pow(2).sum(-1)
+        loss = (w * err).sum() + 0.3 * (aux - x).pow(2).sum()
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in sae.named_parameters()})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-4,
+                                   msg=name)
+
+
+def test_encoder_chunks_give_the_same_code(monkeypatch):
+    """Row chunking of the encoder (bounding the dense pre-activations) selects the same
+    latents (values equal up to the matmul's rounding, which depends on the row count)."""
+    import mlsae.sae as S
+    g = torch.Generator().manual_seed(1)
+    x, W, b = torch.randn(100, 16, generator=g), torch.randn(16, 64, generator=g), \
+        torch.randn(64, generator=g)
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[3::4] = True
+    whole = S.encoder_topk(x, W, b, 5, dead=dead, auxk=3)
+    monkeypatch.setattr(S, "_rows_per_chunk", lambda device: 7)
+    chunked = S.encoder_topk(x, W, b, 5, dead=dead, auxk=3)
+    for a, c in zip(whole, chunked):
+        if a.is_floating_point():
+            torch.testing.assert_close(a, c)
+        else:
+            assert torch.equal(a, c)
+    pre = x @ W + b
+    torch.testing.assert_close(whole[0].sort(-1).values, pre.topk(5).values.sort(-1).values)
+    assert dead[whole[3]].all()
+    aux_ref = pre.masked_fill(~dead, float("-inf")).topk(3).values
+    torch.testing.assert_close(whole[2].sort(-1).values, aux_ref.sort(-1).values)
+
+
+def test_sparse_transposed_matmul_matches_dense():
+    from mlsae.sae import _sparse_t_matmul
+    g = torch.Generator().manual_seed(2)
+    idx = torch.stack([torch.randperm(30, generator=g)[:4] for _ in range(50)])
+    vals, x = torch.randn(50, 4, generator=g), torch.randn(50, 8, generator=g)
+    dense = torch.zeros(50, 30).scatter(1, idx, vals)
+    torch.testing.assert_close(_sparse_t_matmul(idx.flatten(), vals.flatten(), x, 30, 4),
+                               dense.T @ x)
