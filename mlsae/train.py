@@ -38,6 +38,7 @@ from mlsae.distributed import Dist, all_gather_rows, all_reduce_, barrier, init_
 from mlsae.errors import UserError
 from mlsae.lm import LanguageModel, load_lm, peek_shape, resolve_device, resolve_dtype
 from mlsae.metrics import ReconstructionStats
+from mlsae.runtime import keep_freed_memory
 from mlsae.sae import MLSAE, geometric_median, replace_dir, sparse_decode
 from mlsae.sweep import parse_sweep, sweep_name, with_overrides
 
@@ -472,6 +473,7 @@ def train(cfg: RunConfig | None = None, resume: str | os.PathLike | None = None,
     lead = plan[0][0]
     if lead.train.threads:
         torch.set_num_threads(lead.train.threads)
+    keep_freed_memory()
     device = resolve_device(lead.train.device)
     dist_info = init_from_env(device)
     if dist_info.enabled and device.type == "cuda":  # one GPU per rank
