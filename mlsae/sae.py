@@ -85,10 +85,11 @@ class _TopKEncode(torch.autograd.Function):
 
 
 def _rows_per_chunk(device: torch.device) -> int:
-    # CPU: 8192 rows x 4608 latents of bf16 is 75 MB, near the L3-friendly optimum measured
-    # in bench/sae_step.py; elsewhere big chunks keep the GPU busy. Either way the dense
-    # pre-activations never exceed one chunk.
-    return 8192 if device.type == "cpu" else 65536
+    # CPU: 2048 rows x 4608 latents of bf16 (19 MB) stay in L3: the matmul alone ran 17%
+    # faster per row than with 8192-row chunks, the whole SAE step the same, in less
+    # memory. Elsewhere big chunks keep the GPU busy. The dense pre-activations never
+    # exceed one chunk.
+    return 2048 if device.type == "cpu" else 65536
 
 
 def _topk(pre: Tensor, bias: Tensor, k: int) -> tuple[Tensor, Tensor]:

@@ -2,7 +2,7 @@
  *
  * torch.topk on CPU copies every row into (value, index) pairs before it selects, which
  * costs about half as much as the bf16 encoder matmul itself at [61440, 4608]. Here:
- *   1. one vectorised pass takes the maxima of G = 4k column groups (group g holds columns
+ *   1. one vectorised pass takes the maxima of G >= 4k column groups (group g holds columns
  *      g, g + G, g + 2G, ...); their k-th largest, tau, is a lower bound on the row's k-th
  *      largest value, since k distinct elements are >= tau;
  *   2. only the groups whose maximum is >= tau (about k of them) are scanned again; their
@@ -48,7 +48,10 @@ static void select_top(float *v, int64_t *ids, int64_t n, int64_t k) {
 #define TOPK_ROWS(NAME, T, LOAD)                                                          \
     int NAME(const T *pre, int64_t ld, int64_t r0, int64_t r1, int64_t n,                 \
              const float *bias, int64_t k, float *vals, int64_t *idx) {                   \
-        int64_t G = 4 * k < n ? 4 * k : n; /* group g = columns g, g + G, g + 2G, ... */  \
+        /* G groups, group g = columns g, g + G, g + 2G, ...: at least 4k groups and at */ \
+        /* most ~32 columns per group (wide rows), never more groups than columns.  */ \
+        int64_t G = n / 32 > 4 * k ? n / 32 : 4 * k;                                    \
+        if (G > n) G = n;                                                                \
         float *gmax = malloc(sizeof(float) * G);                                          \
         float *gsel = malloc(sizeof(float) * G);                                          \
         float *cv = malloc(sizeof(float) * n);                                            \
@@ -76,9 +79,11 @@ static void select_top(float *v, int64_t *ids, int64_t n, int64_t k) {
             int64_t cnt = 0;                                                              \
             for (int64_t g = 0; g < G; ++g) {                                             \
                 if (gmax[g] < tau) continue;                                              \
-                for (int64_t c = g; c < n; c += G) {                                      \
+                for (int64_t c = g; c < n; c += G) { /* branch-free append */           \
                     float x = LOAD(row[c]) + bias[c];                                     \
-                    if (x >= tau) { cv[cnt] = x; ci[cnt] = c; ++cnt; }                    \
+                    cv[cnt] = x;                                                          \
+                    ci[cnt] = c;                                                          \
+                    cnt += x >= tau;                                                      \
                 }                                                                         \
             }                                                                             \
             select_top(cv, ci, cnt, k);                                                   \
