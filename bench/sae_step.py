@@ -3,6 +3,7 @@
 Shapes: d_model 576, k 32, 30 layers x 2048 tokens = 61440 vectors per step, n_latents 4608
 and 36864. One step = forward + backward + Adam + decoder constraints. Figures are ratios
 taken in this process on the same random inputs (peak memory: see bench/train_e2e.py).
+MLSAE_NO_KERNELS=1 measures mlsae with torch.topk instead of the compiled top-k kernel.
 
     .venv/bin/python bench/sae_step.py [--vectors 61440] [--repeats 3]
 """
@@ -16,6 +17,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from mlsae.runtime import keep_freed_memory
 from mlsae.sae import MLSAE
 
 D, K = 576, 32
@@ -32,9 +34,10 @@ def timed(fn, repeats: int) -> float:
 
 
 def mlsae_step(sae: MLSAE, opt, x: torch.Tensor):
+    """What Trainer.sae_step does, without the bookkeeping: the fused training forward."""
     def step():
-        out = sae(x)
-        loss = (out.x_hat - x).pow(2).sum() / x.pow(2).sum()
+        out = sae.forward_train(x)
+        loss = out.err.sum() / x.pow(2).sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         sae.remove_parallel_grad()
@@ -65,6 +68,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--latents", default="4608,36864")
     args = ap.parse_args()
+    keep_freed_memory()  # as `mlsae train` does; applies to every variant in this process
     torch.manual_seed(0)
     x = torch.randn(args.vectors, D)
     print(f"threads={torch.get_num_threads()} vectors/step={args.vectors} d={D} k={K}")

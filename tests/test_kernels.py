@@ -104,3 +104,12 @@ def test_build_is_cached_per_source_and_cpu(tmp_path, monkeypatch):
     mtime = built[0].stat().st_mtime_ns
     assert cpu.library() is not None
     assert built[0].stat().st_mtime_ns == mtime  # loaded, not rebuilt
+
+
+def test_unwritable_cache_builds_in_temp(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("MLSAE_CACHE_DIR", str(blocker / "sub"))  # mkdir must fail
+    monkeypatch.setattr(cpu, "_state", {})
+    assert cpu.library() is not None
+    check_topk(torch.randn(20, 40), torch.zeros(40), 3)

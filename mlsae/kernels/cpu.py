@@ -45,8 +45,12 @@ def _build() -> ctypes.CDLL:
     src = _SOURCE.read_bytes()
     key = hashlib.sha256(src + " ".join([cc, *FLAGS]).encode() + _cpu_id().encode())
     so = cache_dir() / f"topk-{key.hexdigest()[:16]}.so"
-    if not so.exists():
+    try:
         so.parent.mkdir(parents=True, exist_ok=True)
+    except OSError:  # read-only home: build in the temp folder instead
+        so = Path(tempfile.gettempdir()) / f"mlsae-kernels-{os.getuid()}" / so.name
+        so.parent.mkdir(parents=True, exist_ok=True)
+    if not so.exists():
         # Build under a temporary name and rename: concurrent ranks never see half a file.
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=so.parent)
         os.close(fd)
