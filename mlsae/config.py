@@ -74,7 +74,7 @@ class TrainConfig:
     """Layers whose resid_post is trained on: `all`, a list `0,3,7`, or a range `0-29` or
     `0-29:2` (inclusive, with a step). One layer trains the single-layer baseline."""
 
-    tokens: float = 150_000
+    tokens: float = 220_000
     """Training tokens (packed positions, excluded ones included); `1e9` is accepted."""
 
     batch_size: int = 8

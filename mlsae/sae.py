@@ -178,8 +178,8 @@ def sparse_decode(acts: Tensor, idx: Tensor, W_dec: Tensor) -> Tensor:
 
 def _embedding_bag_rows(acts: Tensor, idx: Tensor, W_dec: Tensor) -> tuple[Tensor, Tensor,
                                                                              Tensor]:
-    """embedding_bag over fixed-size bags, also returning what its per-sample-weight
-    backward needs (flat ids, bag offsets, offset2bag)."""
+    """`embedding_bag` over bags of k ids -> (output [N, d], bag offsets, offset2bag): the
+    last two are what its per-sample-weight backward needs."""
     n_vec, k = idx.shape
     flat = idx.reshape(-1)
     offsets = torch.arange(0, n_vec * k, k, device=idx.device)
@@ -193,7 +193,7 @@ class _ReconError(torch.autograd.Function):
 
     forward: r = sum_j acts_j W_dec[idx_j] + b_dec - target  [N, d] (kept for backward and
     returned, not differentiable); err = weight * ||r||^2  [N]. The backward forms
-    dL/dr = 2 weight g_err r once and feeds it to b_dec, W_dec (CSR) and acts, instead of
+    dL/dr = 2 weight g_err r once and feeds it to b_dec, W_dec (sparse) and acts, instead of
     the chain of [N, d] elementwise nodes autograd would keep.
     """
 
