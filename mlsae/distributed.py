@@ -19,6 +19,7 @@ import torch.distributed as dist
 class Dist:
     rank: int = 0
     world: int = 1
+    owns_group: bool = False  # this process called init_process_group, so it tears it down
 
     @property
     def enabled(self) -> bool:
@@ -34,9 +35,18 @@ def init_from_env(device: torch.device) -> Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist()
-    if not dist.is_initialized():
+    owns = not dist.is_initialized()
+    if owns:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return Dist(rank=dist.get_rank(), world=dist.get_world_size())
+    return Dist(rank=dist.get_rank(), world=dist.get_world_size(), owns_group=owns)
+
+
+def shutdown(d: Dist) -> None:
+    """Leave the process group we joined, after every rank got here. Left to interpreter
+    exit instead, gloo could abort a rank whose peer had already gone."""
+    if d.owns_group and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def all_reduce_(t: torch.Tensor, d: Dist, op=dist.ReduceOp.SUM) -> torch.Tensor:

@@ -34,7 +34,7 @@ from mlsae import config as C
 from mlsae.activations import batch_activations, check_finite
 from mlsae.cache import CachedActivations
 from mlsae.data import TokenSource, batches, include_mask
-from mlsae.distributed import Dist, all_gather_rows, all_reduce_, barrier, init_from_env
+from mlsae.distributed import Dist, all_gather_rows, all_reduce_, barrier, init_from_env, shutdown
 from mlsae.errors import UserError
 from mlsae.lm import LanguageModel, load_lm, peek_shape, resolve_device, resolve_dtype
 from mlsae.metrics import ReconstructionStats
@@ -527,7 +527,10 @@ def train(cfg: RunConfig | None = None, resume: str | os.PathLike | None = None,
         for tr, summary in zip(trainers, summaries):
             if summary is not None:
                 (tr.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    barrier(dist_info)
+    if dist_info.owns_group:
+        shutdown(dist_info)
+    else:
+        barrier(dist_info)
     return {"run_dir": root, "runs": [tr.run_dir for tr in trainers], "finished": finished,
             "summary": summaries[0], "summaries": summaries, "trainer": trainers[0],
             "trainers": trainers}
