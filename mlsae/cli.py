@@ -182,7 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        code = args.func(args)
+        if "mlsae.distributed" in sys.modules:  # torchrun: leave the group while all ranks live
+            sys.modules["mlsae.distributed"].shutdown()
+        return code
     except UserError as e:
         print(f"mlsae {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -19,7 +19,6 @@ import torch.distributed as dist
 class Dist:
     rank: int = 0
     world: int = 1
-    owns_group: bool = False  # this process called init_process_group, so it tears it down
 
     @property
     def enabled(self) -> bool:
@@ -35,18 +34,24 @@ def init_from_env(device: torch.device) -> Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist()
-    owns = not dist.is_initialized()
-    if owns:
+    if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return Dist(rank=dist.get_rank(), world=dist.get_world_size(), owns_group=owns)
+        _owned["group"] = True
+    return Dist(rank=dist.get_rank(), world=dist.get_world_size())
 
 
-def shutdown(d: Dist) -> None:
-    """Leave the process group we joined, after every rank got here. Left to interpreter
-    exit instead, gloo could abort a rank whose peer had already gone."""
-    if d.owns_group and dist.is_initialized():
+_owned = {"group": False}
+
+
+def shutdown() -> None:
+    """Leave the process group `init_from_env` joined, once every rank got here. Left to
+    interpreter exit instead, gloo could abort a rank whose peer had already gone (seen in
+    CI). Called by the CLI after its command, so several `train()` calls in one process
+    (baselines) share one group."""
+    if _owned["group"] and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+        _owned["group"] = False
 
 
 def all_reduce_(t: torch.Tensor, d: Dist, op=dist.ReduceOp.SUM) -> torch.Tensor:

@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import platform
+from collections.abc import Iterator
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc <malloc.h>
+_DEFAULT_TRIM, _DEFAULT_MMAP_MAX = 128 * 1024, 65536
+_state = {"depth": 0, "applied": False}
+
+
+def _libc() -> ctypes.CDLL | None:
+    if os.environ.get("MLSAE_MALLOC") == "default" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
 
 
 def keep_freed_memory() -> bool:
@@ -17,13 +30,33 @@ def keep_freed_memory() -> bool:
     every step: 0.25 s of a 1.9 s SAE step on W1 (bench/train_e2e.py). Here large blocks
     come from the heap and freed memory is kept for the next step, at the price of a higher
     resident peak (+0.4 GB on W1). glibc only; MLSAE_MALLOC=default leaves malloc alone.
-    Returns whether the setting was applied.
+    Returns whether the setting was applied. `restore_malloc` undoes it.
     """
-    if os.environ.get("MLSAE_MALLOC") == "default" or platform.libc_ver()[0] != "glibc":
+    libc = _libc()
+    if libc is None:
         return False
+    return bool(libc.mallopt(_M_MMAP_MAX, 0) and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+
+
+def restore_malloc() -> None:
+    """glibc's default thresholds again, and freed memory handed back to the system."""
+    libc = _libc()
+    if libc is not None:
+        libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
+        libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM)
+        libc.malloc_trim(0)
+
+
+@contextlib.contextmanager
+def freed_memory_kept() -> Iterator[None]:
+    """`keep_freed_memory` for the duration of a block (nested blocks share one setting)."""
+    if _state["depth"] == 0:
+        _state["applied"] = keep_freed_memory()
+    _state["depth"] += 1
     try:
-        libc = ctypes.CDLL("libc.so.6")
-        ok = libc.mallopt(_M_MMAP_MAX, 0) and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
-    except (OSError, AttributeError):
-        return False
-    return bool(ok)
+        yield
+    finally:
+        _state["depth"] -= 1
+        if _state["depth"] == 0 and _state["applied"]:
+            restore_malloc()
+            _state["applied"] = False

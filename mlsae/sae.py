@@ -52,8 +52,8 @@ class _TopKEncode(torch.autograd.Function):
     """pre = (x - b_dec) @ W_enc + b_enc; returns top-k (and optional dead-latent top-auxk).
 
     The dense `[N, n_latents]` pre-activations live only inside forward. Backward touches only
-    the selected entries: grad W_enc = X^T G with G sparse (k nonzeros per row), done as a CSR
-    matmul, instead of a dense [N, n_latents] @ [N, d_model] product.
+    the selected entries: grad W_enc = X^T G with G sparse (k nonzeros per row), done as a
+    sparse (COO) product, instead of a dense [N, n_latents] @ [N, d_model] product.
     """
 
     @staticmethod
@@ -93,12 +93,14 @@ def _rows_per_chunk(device: torch.device) -> int:
 
 
 def _topk(pre: Tensor, bias: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Top-k of `pre [rows, n] + bias [n]` (bias added in float32) -> float32 values, ids."""
+    """Top-k of `pre [rows, n] + bias [n]` -> float32 values, ids. The CPU kernel adds the
+    bias in float32; torch.topk (GPU, or no compiler) adds it in place in `pre`'s dtype, so
+    no float32 copy of the chunk is made."""
     got = topk_plus_bias(pre, bias, k)
     if got is not None:
         return got
-    vals, idx = (pre.float() + bias.float()).topk(k, dim=-1, sorted=False)
-    return vals, idx
+    vals, idx = pre.add_(bias.to(pre.dtype)).topk(k, dim=-1, sorted=False)
+    return vals.float(), idx
 
 
 def encoder_topk(xc: Tensor, W_enc: Tensor, b_enc: Tensor, k: int,
@@ -107,8 +109,8 @@ def encoder_topk(xc: Tensor, W_enc: Tensor, b_enc: Tensor, k: int,
     """Top-k of `xc [N, d] @ W_enc + b_enc` per row -> values (float32) and ids `[N, k]`,
     plus the top-auxk among the `dead [n_latents]` columns (or None, None).
 
-    The matmul runs in `matmul_dtype` (None: the weights' dtype) one row chunk at a time,
-    so the dense `[N, n_latents]` pre-activations are never held whole.
+    The matmul runs in `matmul_dtype` (None: `xc`'s dtype) one row chunk at a time, so the
+    dense `[N, n_latents]` pre-activations are never held whole.
     """
     dtype = matmul_dtype or xc.dtype
     xq, Wq = xc.to(dtype), W_enc.detach().to(dtype)
@@ -117,7 +119,7 @@ def encoder_topk(xc: Tensor, W_enc: Tensor, b_enc: Tensor, k: int,
     vals = torch.empty(n_vec, k, dtype=torch.float32, device=xc.device)
     idx = torch.empty(n_vec, k, dtype=torch.long, device=xc.device)
     aux_vals = aux_idx = dead_idx = None
-    if dead is not None:
+    if dead is not None and auxk > 0 and bool(dead.any()):
         # Only the dead columns compete, and never more than there are dead latents:
         # with a handful of dead latents this costs a gather, not a second full top-k.
         dead_idx = dead.nonzero().squeeze(1)
@@ -129,7 +131,7 @@ def encoder_topk(xc: Tensor, W_enc: Tensor, b_enc: Tensor, k: int,
         pre = xq[s:s + step] @ Wq  # [rows, n_latents], the only dense tensor of the step
         vals[s:s + step], idx[s:s + step] = _topk(pre, bias, k)
         if dead_idx is not None:
-            v, pos = _topk(pre.index_select(1, dead_idx), bias[dead_idx], aux_vals.shape[1])
+            v, pos = _topk(pre.index_select(1, dead_idx), bias[dead_idx], n_aux)
             aux_vals[s:s + step], aux_idx[s:s + step] = v, dead_idx[pos]
     return vals, idx, aux_vals, aux_idx
 
@@ -148,7 +150,7 @@ def _sparse_t_matmul(rows: Tensor, vals: Tensor, x: Tensor, n_rows: int, k: int)
 
 
 class _SparseDecode(torch.autograd.Function):
-    """embedding_bag forward; W_dec's gradient as a CSR matmul (faster than embedding_bag's
+    """embedding_bag forward; W_dec's gradient as a sparse product (faster than embedding_bag's
     own dense backward on CPU), acts' gradient from embedding_bag's per-sample kernel."""
 
     @staticmethod
@@ -272,6 +274,8 @@ class MLSAE(nn.Module):
         # Two passes (mean, then the norm of the centred vector): as exact as torch.std and
         # about 3x faster on CPU.
         std = torch.linalg.vector_norm(xm, dim=-1, keepdim=True) / math.sqrt(x.shape[-1])
+        if xm.requires_grad:  # keep autograd's saved tensors intact
+            return xm / (std + self.eps), mu, std
         return xm.div_(std + self.eps), mu, std
 
     def _unstandardize(self, x_tilde: Tensor, mu: Tensor, std: Tensor) -> Tensor:
@@ -310,7 +314,7 @@ class MLSAE(nn.Module):
             self.matmul_dtype)
         acts = F.relu(vals)
         x_hat = self._unstandardize(self.decode_standardized(acts, idx), mu, std)
-        aux_acts = F.relu(aux_vals) if use_aux else None
+        aux_acts = F.relu(aux_vals) if aux_vals is not None else None
         return ForwardOutput(x_hat, SparseCode(acts, idx, mu, std), aux_acts, aux_idx)
 
     def forward_train(self, x: Tensor, dead: Tensor | None = None,
@@ -327,7 +331,7 @@ class MLSAE(nn.Module):
         acts = F.relu(vals)
         weight = (std + self.eps).square().squeeze(-1)
         err, resid = _ReconError.apply(acts, idx, self.W_dec, self.b_dec, xt, weight)
-        aux_acts = F.relu(aux_vals) if use_aux else None
+        aux_acts = F.relu(aux_vals) if aux_vals is not None else None
         return TrainOutput(err, resid, SparseCode(acts, idx, mu, std), aux_acts, aux_idx)
 
     # ---- training-time constraints -------------------------------------------------------

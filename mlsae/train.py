@@ -34,11 +34,11 @@ from mlsae import config as C
 from mlsae.activations import batch_activations, check_finite
 from mlsae.cache import CachedActivations
 from mlsae.data import TokenSource, batches, include_mask
-from mlsae.distributed import Dist, all_gather_rows, all_reduce_, barrier, init_from_env, shutdown
+from mlsae.distributed import Dist, all_gather_rows, all_reduce_, barrier, init_from_env
 from mlsae.errors import UserError
 from mlsae.lm import LanguageModel, load_lm, peek_shape, resolve_device, resolve_dtype
 from mlsae.metrics import ReconstructionStats
-from mlsae.runtime import keep_freed_memory
+from mlsae.runtime import freed_memory_kept
 from mlsae.sae import MLSAE, geometric_median, replace_dir, sparse_decode
 from mlsae.sweep import parse_sweep, sweep_name, with_overrides
 
@@ -465,15 +465,20 @@ def train(cfg: RunConfig | None = None, resume: str | os.PathLike | None = None,
 
     Returns {"run_dir", "runs", "finished", "summary", "summaries", "trainer", "trainers"}.
     `given` are explicitly set options (checked against a resumed run's config); `lm` lets a
-    caller pass an already loaded model (tests, benchmarks).
+    caller pass an already loaded model (tests, benchmarks). While it runs, glibc malloc
+    keeps freed memory for reuse (`mlsae.runtime.freed_memory_kept`).
     """
+    with freed_memory_kept():
+        return _train(cfg, resume, given, lm, on_step, progress, sweep)
+
+
+def _train(cfg, resume, given, lm, on_step, progress, sweep) -> dict:
     root, plan = _plan(cfg, resume, given or {}, sweep)
     for c, _ in plan:
         validate(c)
     lead = plan[0][0]
     if lead.train.threads:
         torch.set_num_threads(lead.train.threads)
-    keep_freed_memory()
     device = resolve_device(lead.train.device)
     dist_info = init_from_env(device)
     if dist_info.enabled and device.type == "cuda":  # one GPU per rank
@@ -527,10 +532,7 @@ def train(cfg: RunConfig | None = None, resume: str | os.PathLike | None = None,
         for tr, summary in zip(trainers, summaries):
             if summary is not None:
                 (tr.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    if dist_info.owns_group:
-        shutdown(dist_info)
-    else:
-        barrier(dist_info)
+    barrier(dist_info)
     return {"run_dir": root, "runs": [tr.run_dir for tr in trainers], "finished": finished,
             "summary": summaries[0], "summaries": summaries, "trainer": trainers[0],
             "trainers": trainers}

@@ -113,3 +113,21 @@ def test_unwritable_cache_builds_in_temp(tmp_path, monkeypatch):
     monkeypatch.setattr(cpu, "_state", {})
     assert cpu.library() is not None
     check_topk(torch.randn(20, 40), torch.zeros(40), 3)
+
+
+def test_rows_with_nan_are_left_to_torch():
+    """torch.topk ranks NaN first; rows holding NaN go through it, the others the kernel."""
+    pre = torch.randn(300, 256)
+    pre[5, 7] = float("nan")
+    pre[9] = float("nan")
+    pre[200, 255] = float("nan")
+    vals, idx = cpu.topk_plus_bias(pre, torch.zeros(256), 8)
+    ref = pre.topk(8, dim=-1).values
+    assert torch.equal(vals.sort(-1).values.nan_to_num(1e9), ref.sort(-1).values.nan_to_num(1e9))
+    assert (idx >= 0).all() and (idx < 256).all()
+    assert vals[5].isnan().sum() == 1 and idx[5].tolist().count(7) == 1
+
+
+def test_bias_must_match_the_columns():
+    with pytest.raises(ValueError, match="bias has 7 entries for 8 columns"):
+        cpu.topk_plus_bias(torch.zeros(4, 8), torch.zeros(7), 2)

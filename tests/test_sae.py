@@ -256,3 +256,22 @@ def test_sparse_transposed_matmul_matches_dense():
     dense = torch.zeros(50, 30).scatter(1, idx, vals)
     torch.testing.assert_close(_sparse_t_matmul(idx.flatten(), vals.flatten(), x, 30, 4),
                                dense.T @ x)
+
+
+def test_no_dead_latents_means_no_aux_code():
+    sae = make_sae()
+    out = sae(torch.randn(10, 16), dead=torch.zeros(64, dtype=torch.bool), auxk=6)
+    assert out.aux_acts is None and out.aux_idx is None
+
+
+def test_standardize_is_differentiable():
+    """With an input that requires grad, standardizing keeps autograd intact and matches
+    torch.std's gradient."""
+    sae = make_sae()
+    x = (torch.randn(6, 16) * 3 + 1).requires_grad_()
+    xt, _, _ = sae._standardize(x)
+    (g,) = torch.autograd.grad(xt.pow(3).sum(), x)
+    x2 = x.detach().clone().requires_grad_()
+    ref = (x2 - x2.mean(-1, keepdim=True)) / (x2.std(-1, keepdim=True, unbiased=False) + sae.eps)
+    (g2,) = torch.autograd.grad(ref.pow(3).sum(), x2)
+    torch.testing.assert_close(g, g2, rtol=1e-4, atol=1e-4)

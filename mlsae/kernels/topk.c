@@ -9,6 +9,8 @@
  *      elements >= tau are the candidates, and a quickselect over those gives the exact
  *      top k (the same values as torch.topk; which of several equal values wins may differ).
  * About 3x faster than torch.topk at [61440, 4608] on 2 cores. Values come out unordered.
+ * A row holding NaN is not selected here: its first id is set to -1 and it is counted in
+ * the return value (-1: out of memory), and the caller redoes it with torch.topk.
  *
  * Built and loaded at first use by mlsae/kernels/cpu.py (gcc -O3 -march=native); the
  * caller splits rows across threads (ctypes releases the GIL).
@@ -46,7 +48,7 @@ static void select_top(float *v, int64_t *ids, int64_t n, int64_t k) {
 }
 
 #define TOPK_ROWS(NAME, T, LOAD)                                                          \
-    int NAME(const T *pre, int64_t ld, int64_t r0, int64_t r1, int64_t n,                 \
+    int64_t NAME(const T *pre, int64_t ld, int64_t r0, int64_t r1, int64_t n,                 \
              const float *bias, int64_t k, float *vals, int64_t *idx) {                   \
         /* G groups, group g = columns g, g + G, g + 2G, ...: at least 4k groups and at */ \
         /* most ~32 columns per group (wide rows), never more groups than columns.  */ \
@@ -56,9 +58,10 @@ static void select_top(float *v, int64_t *ids, int64_t n, int64_t k) {
         float *gsel = malloc(sizeof(float) * G);                                          \
         float *cv = malloc(sizeof(float) * n);                                            \
         int64_t *ci = malloc(sizeof(int64_t) * n);                                        \
+        int64_t redo = 0;                                                                 \
         if (!gmax || !gsel || !cv || !ci) {                                               \
             free(gmax); free(gsel); free(cv); free(ci);                                   \
-            return 1;                                                                     \
+            return -1;                                                                    \
         }                                                                                 \
         for (int64_t r = r0; r < r1; ++r) {                                               \
             const T *row = pre + r * ld;                                                  \
@@ -69,8 +72,15 @@ static void select_top(float *v, int64_t *ids, int64_t n, int64_t k) {
                 const float *bs = bias + s;                                               \
                 for (int64_t g = 0; g < len; ++g) {                                       \
                     float x = LOAD(rs[g]) + bs[g];                                        \
-                    gmax[g] = x > gmax[g] ? x : gmax[g];                                  \
+                    gmax[g] = (x > gmax[g] || x != x) ? x : gmax[g]; /* NaN sticks */    \
                 }                                                                         \
+            }                                                                             \
+            int nan = 0;                                                                  \
+            for (int64_t g = 0; g < G; ++g) nan |= gmax[g] != gmax[g];                    \
+            if (nan) { /* torch.topk ranks NaN first: leave the row to the caller */     \
+                idx[r * k] = -1;                                                          \
+                ++redo;                                                                   \
+                continue;                                                                 \
             }                                                                             \
             memcpy(gsel, gmax, sizeof(float) * G);                                        \
             select_top(gsel, ci, G, k); /* ci is scratch here */                          \
@@ -86,12 +96,17 @@ static void select_top(float *v, int64_t *ids, int64_t n, int64_t k) {
                     cnt += x >= tau;                                                      \
                 }                                                                         \
             }                                                                             \
+            if (cnt < k) { /* cannot happen without NaN; be safe all the same */        \
+                idx[r * k] = -1;                                                          \
+                ++redo;                                                                   \
+                continue;                                                                 \
+            }                                                                             \
             select_top(cv, ci, cnt, k);                                                   \
             memcpy(vals + r * k, cv, sizeof(float) * k);                                  \
             memcpy(idx + r * k, ci, sizeof(int64_t) * k);                                 \
         }                                                                                 \
         free(gmax); free(gsel); free(cv); free(ci);                                       \
-        return 0;                                                                         \
+        return redo;                                                                      \
     }
 
 #define LOAD_F32(x) (x)
