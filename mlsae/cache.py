@@ -1,6 +1,7 @@
 """Activation cache: resid_post of the chosen layers written once, trained on many times.
 
-`mlsae cache` writes DIR/manifest.json and DIR/shard_XXXXX.safetensors, each shard holding
+`mlsae cache` writes DIR/manifest.json and numbered shards DIR/shard_00000.safetensors,
+DIR/shard_00001.safetensors, ..., each holding
 `acts [layer, tokens, d_model]` (float16/bfloat16/float32; included positions only, in
 stream order) and `seq_lens [sequences]` (included tokens of each packed sequence), so a
 reader can regroup tokens into exactly the batches a streaming run would see. Sequences come

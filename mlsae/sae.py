@@ -149,35 +149,6 @@ def _sparse_t_matmul(rows: Tensor, vals: Tensor, x: Tensor, n_rows: int, k: int)
     return torch.sparse.mm(Gt, x)
 
 
-class _SparseDecode(torch.autograd.Function):
-    """embedding_bag forward; W_dec's gradient as a sparse product (faster than embedding_bag's
-    own dense backward on CPU), acts' gradient from embedding_bag's per-sample kernel."""
-
-    @staticmethod
-    def forward(ctx, acts, idx, W_dec):
-        ctx.save_for_backward(acts, idx, W_dec)
-        return F.embedding_bag(idx, W_dec, per_sample_weights=acts, mode="sum")
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        acts, idx, W_dec = ctx.saved_tensors
-        grad_acts = grad_W = None
-        if ctx.needs_input_grad[0]:
-            with torch.enable_grad():
-                a = acts.detach().requires_grad_()
-                out = F.embedding_bag(idx, W_dec.detach(), per_sample_weights=a, mode="sum")
-                (grad_acts,) = torch.autograd.grad(out, a, grad_out)
-        if ctx.needs_input_grad[2]:
-            grad_W = _sparse_t_matmul(idx.flatten(), acts.flatten(), grad_out.contiguous(),
-                                      W_dec.shape[0], idx.shape[1])
-        return grad_acts, None, grad_W
-
-
-def sparse_decode(acts: Tensor, idx: Tensor, W_dec: Tensor) -> Tensor:
-    """sum_j acts[i, j] * W_dec[idx[i, j]] -> `[N, d_model]` (k rows gathered per vector)."""
-    return _SparseDecode.apply(acts, idx, W_dec)
-
-
 def _embedding_bag_rows(acts: Tensor, idx: Tensor, W_dec: Tensor) -> tuple[Tensor, Tensor,
                                                                              Tensor]:
     """`embedding_bag` over bags of k ids -> (output [N, d], bag offsets, offset2bag): the
@@ -188,6 +159,41 @@ def _embedding_bag_rows(acts: Tensor, idx: Tensor, W_dec: Tensor) -> tuple[Tenso
     out, offset2bag, _, _ = torch.ops.aten._embedding_bag(
         W_dec, flat, offsets, False, 0, False, acts.reshape(-1), False, -1)
     return out, offsets, offset2bag
+
+
+class _SparseDecode(torch.autograd.Function):
+    """embedding_bag forward; W_dec's gradient as a sparse product (faster than embedding_bag's
+    own dense backward on CPU), acts' gradient from embedding_bag's per-sample kernel."""
+
+    @staticmethod
+    def forward(ctx, acts, idx, W_dec):
+        out, offsets, offset2bag = _embedding_bag_rows(acts, idx, W_dec)
+        ctx.save_for_backward(acts, idx, W_dec, offsets, offset2bag)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        acts, idx, W_dec, offsets, offset2bag = ctx.saved_tensors
+        return _decode_grads(ctx, grad_out.contiguous(), acts, idx, W_dec, offsets,
+                             offset2bag)
+
+
+def _decode_grads(ctx, g: Tensor, acts: Tensor, idx: Tensor, W_dec: Tensor, offsets: Tensor,
+                  offset2bag: Tensor) -> tuple[Tensor | None, None, Tensor | None]:
+    """Gradients of acts and W_dec for a sparse decode whose output gradient is `g [N, d]`."""
+    grad_acts = grad_W = None
+    if ctx.needs_input_grad[0]:
+        grad_acts = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+            g, W_dec, idx.reshape(-1), offsets, offset2bag, 0, -1).view_as(acts)
+    if ctx.needs_input_grad[2]:
+        grad_W = _sparse_t_matmul(idx.reshape(-1), acts.reshape(-1), g, W_dec.shape[0],
+                                  idx.shape[1])
+    return grad_acts, None, grad_W
+
+
+def sparse_decode(acts: Tensor, idx: Tensor, W_dec: Tensor) -> Tensor:
+    """sum_j acts[i, j] * W_dec[idx[i, j]] -> `[N, d_model]` (k rows gathered per vector)."""
+    return _SparseDecode.apply(acts, idx, W_dec)
 
 
 class _ReconError(torch.autograd.Function):
@@ -212,15 +218,8 @@ class _ReconError(torch.autograd.Function):
     def backward(ctx, g_err, _g_r):
         acts, idx, W_dec, r, weight, offsets, offset2bag = ctx.saved_tensors
         g = r * (2 * weight * g_err)[:, None]  # dL/d(reconstruction) [N, d]
-        grad_acts = grad_W = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_acts = torch.ops.aten._embedding_bag_per_sample_weights_backward(
-                g, W_dec, idx.reshape(-1), offsets, offset2bag, 0, -1).view_as(acts)
-        if ctx.needs_input_grad[2]:
-            grad_W = _sparse_t_matmul(idx.reshape(-1), acts.reshape(-1), g, W_dec.shape[0],
-                                      idx.shape[1])
-        if ctx.needs_input_grad[3]:
-            grad_b = g.sum(0)
+        grad_acts, _, grad_W = _decode_grads(ctx, g, acts, idx, W_dec, offsets, offset2bag)
+        grad_b = g.sum(0) if ctx.needs_input_grad[3] else None
         return grad_acts, None, grad_W, grad_b, None, None
 
 
@@ -282,15 +281,20 @@ class MLSAE(nn.Module):
         return x_tilde * (std + self.eps) + mu
 
     # ---- public API ----------------------------------------------------------------------
+    def _encode_rows(self, x: Tensor, dead: Tensor | None = None, auxk: int = 0):
+        """`x [N, d_model]` -> (x~, SparseCode, aux_acts, aux_idx): the standardized input,
+        its ReLU'd top-k code and, given `dead` latents and `auxk > 0`, their top-auxk."""
+        xt, mu, std = self._standardize(x)
+        vals, idx, aux_vals, aux_idx = _TopKEncode.apply(
+            xt, self.b_dec, self.W_enc, self.b_enc, self.k, dead, auxk, self.matmul_dtype)
+        aux_acts = F.relu(aux_vals) if aux_vals is not None else None
+        return xt, SparseCode(F.relu(vals), idx, mu, std), aux_acts, aux_idx
+
     def encode(self, x: Tensor) -> SparseCode:
         """`x [..., d_model]` -> SparseCode with `acts, idx [..., k]` (acts >= 0)."""
         shape = x.shape[:-1]
-        xt, mu, std = self._standardize(x.reshape(-1, self.d_model))
-        vals, idx, _, _ = _TopKEncode.apply(xt, self.b_dec, self.W_enc, self.b_enc, self.k,
-                                            None, 0, self.matmul_dtype)
-        acts = F.relu(vals)
-        return SparseCode(acts.reshape(*shape, self.k), idx.reshape(*shape, self.k),
-                          mu.reshape(*shape, 1), std.reshape(*shape, 1))
+        _, code, _, _ = self._encode_rows(x.reshape(-1, self.d_model))
+        return SparseCode(*(t.reshape(*shape, t.shape[-1]) for t in code))
 
     def decode_standardized(self, acts: Tensor, idx: Tensor) -> Tensor:
         """Reconstruction in standardized space: `[..., k]` codes -> `[..., d_model]`."""
@@ -307,15 +311,10 @@ class MLSAE(nn.Module):
     def forward(self, x: Tensor, dead: Tensor | None = None, auxk: int = 0) -> ForwardOutput:
         """Encode and decode `x [N, d_model]`; with `dead [n_latents]` also return the top
         `auxk` ReLU'd pre-activations of dead latents for the AuxK loss."""
-        xt, mu, std = self._standardize(x)
-        use_aux = dead is not None and auxk > 0
-        vals, idx, aux_vals, aux_idx = _TopKEncode.apply(
-            xt, self.b_dec, self.W_enc, self.b_enc, self.k, dead if use_aux else None, auxk,
-            self.matmul_dtype)
-        acts = F.relu(vals)
-        x_hat = self._unstandardize(self.decode_standardized(acts, idx), mu, std)
-        aux_acts = F.relu(aux_vals) if aux_vals is not None else None
-        return ForwardOutput(x_hat, SparseCode(acts, idx, mu, std), aux_acts, aux_idx)
+        _, code, aux_acts, aux_idx = self._encode_rows(x, dead, auxk)
+        x_hat = self._unstandardize(self.decode_standardized(code.acts, code.idx), code.mu,
+                                    code.std)
+        return ForwardOutput(x_hat, code, aux_acts, aux_idx)
 
     def forward_train(self, x: Tensor, dead: Tensor | None = None,
                       auxk: int = 0) -> TrainOutput:
@@ -323,16 +322,10 @@ class MLSAE(nn.Module):
         ||x_hat - x||^2 in the original space, computed in standardized space as
         (std + eps)^2 ||x~_hat - x~||^2 (equal up to rounding, with no un-standardizing in
         the graph); plus what the AuxK loss needs, as in `forward`."""
-        xt, mu, std = self._standardize(x)
-        use_aux = dead is not None and auxk > 0
-        vals, idx, aux_vals, aux_idx = _TopKEncode.apply(
-            xt, self.b_dec, self.W_enc, self.b_enc, self.k, dead if use_aux else None, auxk,
-            self.matmul_dtype)
-        acts = F.relu(vals)
-        weight = (std + self.eps).square().squeeze(-1)
-        err, resid = _ReconError.apply(acts, idx, self.W_dec, self.b_dec, xt, weight)
-        aux_acts = F.relu(aux_vals) if aux_vals is not None else None
-        return TrainOutput(err, resid, SparseCode(acts, idx, mu, std), aux_acts, aux_idx)
+        xt, code, aux_acts, aux_idx = self._encode_rows(x, dead, auxk)
+        weight = (code.std + self.eps).square().squeeze(-1)
+        err, resid = _ReconError.apply(code.acts, code.idx, self.W_dec, self.b_dec, xt, weight)
+        return TrainOutput(err, resid, code, aux_acts, aux_idx)
 
     # ---- training-time constraints -------------------------------------------------------
     @torch.no_grad()
