@@ -39,7 +39,7 @@ def tiny_run(root: Path):
     from mlsae import DataConfig, SAEConfig, TrainConfig
     from mlsae.analysis.analyze import analyze
     from mlsae.analysis.examples import collect_examples
-    from mlsae.runs import TextOptions
+    from mlsae.options import TextOptions
     from mlsae.train import RunConfig, train
 
     lm = make_tiny_lm("llama", n_layers=4, d=32)

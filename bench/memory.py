@@ -27,11 +27,10 @@ def one(vectors: int, n_latents: int) -> dict:
     keep_freed_memory()  # as `mlsae train` does
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     sae = MLSAE(D, n_latents, K)
-    sae.matmul_dtype = torch.bfloat16
     opt = torch.optim.Adam(sae.parameters(), lr=1e-3)
     x = torch.randn(vectors, D)
     for _ in range(2):
-        loss = sae.forward_train(x).err.sum()
+        loss = sae.forward_train(x, matmul_dtype=torch.bfloat16).err.sum()
         opt.zero_grad()
         loss.backward()
         opt.step()

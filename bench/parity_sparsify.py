@@ -93,7 +93,6 @@ def main() -> None:
         res = train(cfg, lm=lm)
         mlsae_s = time.perf_counter() - t0
         sae = res["trainer"].sae
-        sae.matmul_dtype = None
         mlsae_fvu = heldout_fvu(lambda x: sae(x).x_hat.detach(), eval_x)
         exclude = lm.special_ids if args.sparsify_exclude_special else []
         enc_dec, sp_s, sp_desc = run_sparsify(lm, train_seqs, exclude, Path(tmp) / "sp")

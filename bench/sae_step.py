@@ -33,10 +33,10 @@ def timed(fn, repeats: int) -> float:
     return best
 
 
-def mlsae_step(sae: MLSAE, opt, x: torch.Tensor):
+def mlsae_step(sae: MLSAE, opt, x: torch.Tensor, matmul_dtype=None):
     """What Trainer.sae_step does, without the bookkeeping: the fused training forward."""
     def step():
-        out = sae.forward_train(x)
+        out = sae.forward_train(x, matmul_dtype=matmul_dtype)
         loss = out.err.sum() / x.pow(2).sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -81,11 +81,10 @@ def main() -> None:
         rows = [("encoder matmul fp32", floor), ("encoder matmul bf16", floor_bf16)]
         for dtype in (torch.bfloat16, None):
             sae = MLSAE(D, n, K)
-            sae.matmul_dtype = dtype
             opt = torch.optim.Adam(sae.parameters(), lr=1e-3, eps=6.25e-10)
             gc.collect()
             rows.append((f"mlsae ({'bf16' if dtype else 'fp32'} select)",
-                         timed(mlsae_step(sae, opt, x), args.repeats)))
+                         timed(mlsae_step(sae, opt, x, dtype), args.repeats)))
             del sae, opt
         params = [torch.nn.Parameter(t) for t in (W.clone(), torch.zeros(n), W.T.clone(),
                                                    torch.zeros(D))]

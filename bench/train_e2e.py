@@ -165,7 +165,7 @@ def variant_sweep_w1(steps: int) -> dict:
 
 def variant_cache_w1(steps: int) -> dict:
     """Disk size and read throughput of a float16 cache of all 30 SmolLM2 layers."""
-    from mlsae.cache import CachedActivations, write_cache
+    from mlsae.activations.cache import CachedActivations, write_cache
 
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()

@@ -1,13 +1,10 @@
-"""mlsae: multi-layer sparse autoencoders (one TopK SAE over every layer's residual stream)."""
+"""mlsae: multi-layer sparse autoencoders (one TopK SAE over every layer's residual stream).
 
-from mlsae.config import DataConfig, SAEConfig, TrainConfig
+Public names: `MLSAE` (the SAE), the configs `SAEConfig`, `DataConfig`, `TrainConfig`,
+`RunConfig`. Training is `mlsae.train.train`; every command is a function in its module.
+"""
+
+from mlsae.config import DataConfig, RunConfig, SAEConfig, TrainConfig
 from mlsae.sae import MLSAE
 
-__all__ = ["MLSAE", "SAEConfig", "DataConfig", "TrainConfig", "train"]
-
-
-def train(*args, **kwargs):
-    """See `mlsae.train.train`."""
-    from mlsae.train import train as _train
-
-    return _train(*args, **kwargs)
+__all__ = ["MLSAE", "DataConfig", "RunConfig", "SAEConfig", "TrainConfig"]

@@ -1,4 +1,5 @@
 """`mlsae baselines`: single-layer SAEs with the MLSAE's setup, and how far each transfers.
+Uses train, evaluate, runs and plots.
 
 For every layer l of a run (or --layers), a single-layer SAE is trained into
 `<run>/baselines/layer_<l>/` with the run's own RunConfig (same width, k, tokens, data, seed,
@@ -31,15 +32,8 @@ from mlsae.errors import UserError
 from mlsae.evaluate import check_text_options, reconstruct, select_layers
 from mlsae.lm import LanguageModel, load_lm
 from mlsae.metrics import ReconstructionStats
-from mlsae.runs import (
-    TextOptions,
-    add_text_options,
-    check_lm_matches,
-    eval_batches,
-    load_sae,
-    sae_layers,
-    text_options,
-)
+from mlsae.options import TextOptions, add_text_options, text_options
+from mlsae.runs import check_lm_matches, eval_batches, load_sae, sae_layers
 from mlsae.sae import MLSAE
 from mlsae.train import RESUME_FREE, RunConfig, read_run_config, train
 
@@ -169,7 +163,6 @@ def baselines(run_dir: str | Path, layers: str | list[int] | None = None,
     saes = finished_baselines(root)
     for s in saes.values():
         s.to(lm.device)
-        s.matmul_dtype = None  # exact float32 top-k selection
     data_cfg, batch_list, _ = eval_batches(sae, lm, opts)
     matrix = fvu_matrix(saes, lm, run_layers, batch_list, data_cfg, progress)
     rows = list(saes)

@@ -1,4 +1,5 @@
 """`mlsae compare`: the MLSAE against single-layer SAEs, layer by layer (FVU, dCE, L0).
+Uses evaluate, runs and plots.
 
 Reads `eval.json` of the MLSAE and of every single-layer checkpoint directly under the
 baselines folder (e.g. `layer_<l>/` from `mlsae baselines`). A checkpoint without eval.json
@@ -25,7 +26,8 @@ from pathlib import Path
 from mlsae.errors import UserError
 from mlsae.evaluate import evaluate
 from mlsae.lm import LanguageModel
-from mlsae.runs import TextOptions, add_text_options, load_run_lm, load_sae, text_options
+from mlsae.options import TextOptions, add_text_options, text_options
+from mlsae.runs import load_run_lm, load_sae
 
 METRICS = ("fvu", "dce", "l0")
 COLUMNS = ["layer"] + [f"{who}_{m}" for m in METRICS for who in ("mlsae", "baseline")]

@@ -1,4 +1,4 @@
-"""Configs as dataclasses: the single source of truth for every default.
+"""Configs as dataclasses: the single source of truth for every default. Uses errors only.
 
 Each field's docstring becomes its `--help` text (see `mlsae.cli`), and the dataclasses are
 written verbatim into a run's `config.json`.
@@ -7,7 +7,7 @@ written verbatim into a run's `config.json`.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 from mlsae.errors import UserError
 
@@ -139,6 +139,25 @@ class TrainConfig:
 
     threads: int | None = None
     """CPU threads for torch (default: torch's own choice)."""
+
+
+@dataclass
+class RunConfig:
+    """Everything a training run is: the SAE, the data and the training options. Written
+    verbatim (`to_dict`) into checkpoint/state.json and config.json's "run"."""
+
+    sae: SAEConfig = field(default_factory=SAEConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return {"sae": to_dict(self.sae), "data": to_dict(self.data),
+                "train": to_dict(self.train)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RunConfig:
+        return cls(from_dict(SAEConfig, d["sae"]), from_dict(DataConfig, d["data"]),
+                   from_dict(TrainConfig, d["train"]))
 
 
 def resolve_layers(spec: str, n_layers: int) -> list[int]:

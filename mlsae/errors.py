@@ -1,4 +1,5 @@
-"""Errors that the CLI turns into one line on stderr and exit code 2 (no traceback)."""
+"""Errors the CLI turns into one line on stderr (no traceback), and the one-line form of any
+exception. Imports nothing from mlsae: every module may use it."""
 
 
 class UserError(Exception):
@@ -7,3 +8,12 @@ class UserError(Exception):
 
 class TrainingDiverged(RuntimeError):
     """Activations or loss became non-finite; the last good checkpoint is kept."""
+
+
+def first_line(e: BaseException | str) -> str:
+    """The first line of an exception's message (its type name if it has none), or of a
+    text, for wrapping a library's multi-line error into one line for the user."""
+    text = str(e).strip()
+    if text:
+        return text.splitlines()[0]
+    return type(e).__name__ if isinstance(e, BaseException) else ""

@@ -1,4 +1,5 @@
 """`mlsae eval`: per-layer reconstruction and spliced downstream loss of a checkpoint (SPEC §4).
+Uses runs, data, the LM adapter, the SAE and metrics.
 
 Positions. Reconstruction metrics (FVU, MSE, L0, alive) use the included positions (SPEC §2).
 The downstream loss is next-token cross-entropy at the "CE positions": positions t that are
@@ -42,16 +43,8 @@ from mlsae.data import include_mask
 from mlsae.errors import UserError
 from mlsae.lm import LanguageModel
 from mlsae.metrics import ReconstructionStats
-from mlsae.runs import (
-    TextOptions,
-    add_text_options,
-    check_lm_matches,
-    eval_batches,
-    load_run_lm,
-    load_sae,
-    sae_layers,
-    text_options,
-)
+from mlsae.options import TextOptions, add_text_options, text_options
+from mlsae.runs import check_lm_matches, eval_batches, load_run_lm, load_sae, sae_layers
 from mlsae.sae import MLSAE
 
 ABLATIONS = ("zero", "mean")
@@ -228,7 +221,6 @@ def evaluate(checkpoint: str | Path, opts: TextOptions, out: str | Path | None =
     else:
         check_lm_matches(sae, lm)
     sae.to(lm.device)
-    sae.matmul_dtype = None  # exact float32 top-k selection
     data_cfg, batch_list, tokens = eval_batches(sae, lm, opts)
     if ablation == "mean":
         values = layer_means(lm, chosen, batch_list, data_cfg).to(lm.device)

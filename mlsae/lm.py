@@ -1,4 +1,5 @@
 """Language-model adapter: load any causal LM, capture resid_post, splice it back in.
+Uses errors only.
 
 resid_post of layer l is the output of decoder block l (SPEC §2): not the embeddings, and not
 the final-normed slot of `output_hidden_states`. Blocks are found generically as the
@@ -16,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from mlsae.errors import UserError
+from mlsae.errors import UserError, first_line
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -130,18 +131,15 @@ class LanguageModel:
             raise UserError(f"model {self.name!r} has no EOS token to join documents with")
         return int(eos)
 
-    @torch.inference_mode()
-    def resid_post(self, input_ids: Tensor, layers: list[int]) -> Tensor:
-        """resid_post of `layers` for `input_ids [batch, seq]` -> `[layer, batch, seq, d_model]`.
-
-        The forward pass stops after the last requested block.
-        """
-        captured: dict[int, Tensor] = {}
+    def _forward_until(self, input_ids: Tensor, layers: list[int]) -> dict[int, object]:
+        """Run the model on `input_ids [batch, seq]`, stopping after block max(layers), and
+        return each of those blocks' raw output (a tensor or a tuple) by layer."""
+        captured: dict[int, object] = {}
         last = max(layers)
 
         def make_hook(layer: int):
             def hook(_module, _args, output):
-                captured[layer] = output[0] if isinstance(output, tuple) else output
+                captured[layer] = output
                 if layer == last:
                     raise _StopForward
 
@@ -155,7 +153,17 @@ class LanguageModel:
         finally:
             for h in handles:
                 h.remove()
-        return torch.stack([captured[i] for i in layers])
+        return captured
+
+    @torch.inference_mode()
+    def resid_post(self, input_ids: Tensor, layers: list[int]) -> Tensor:
+        """resid_post of `layers` for `input_ids [batch, seq]` -> `[layer, batch, seq, d_model]`.
+
+        The forward pass stops after the last requested block.
+        """
+        out = self._forward_until(input_ids, layers)
+        return torch.stack([o[0] if isinstance(o, tuple) else o
+                            for o in (out[i] for i in layers)])
 
     @torch.inference_mode()
     def logits(self, input_ids: Tensor) -> Tensor:
@@ -177,20 +185,8 @@ class LanguageModel:
 
     def _block_returns_tuple(self, input_ids: Tensor) -> bool:
         if not hasattr(self, "_tuple_out"):
-            seen: list[bool] = []
-
-            def hook(_m, _a, output):
-                seen.append(isinstance(output, tuple))
-                raise _StopForward
-
-            h = self.blocks[0].register_forward_hook(hook)
-            try:
-                self.model(input_ids=input_ids[:1, :2].to(self.device), use_cache=False)
-            except _StopForward:
-                pass
-            finally:
-                h.remove()
-            self._tuple_out = seen[0]
+            out = self._forward_until(input_ids[:1, :2], [0])
+            self._tuple_out = isinstance(out[0], tuple)
         return self._tuple_out
 
 
@@ -241,8 +237,7 @@ def peek_shape(name: str) -> tuple[int, int]:
     try:
         cfg = _text_config(AutoConfig.from_pretrained(where, trust_remote_code=False, **extra))
     except (OSError, ValueError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot load model {name!r}: {first}") from None
+        raise UserError(f"cannot load model {name!r}: {first_line(e)}") from None
     return int(cfg.num_hidden_layers), int(cfg.hidden_size)
 
 
@@ -266,6 +261,5 @@ def load_lm(name: str, device: str = "auto", dtype: str = "float32") -> Language
             kw["use_safetensors"] = True
         model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype, **kw)
     except (OSError, ValueError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot load model {name!r}: {first}") from None
+        raise UserError(f"cannot load model {name!r}: {first_line(e)}") from None
     return wrap_model(model.to(dev), tokenizer, name)

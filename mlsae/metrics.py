@@ -1,4 +1,5 @@
-"""Streaming reconstruction metrics per layer (SPEC §4): FVU, MSE, L0, dead/alive latents.
+"""Streaming reconstruction metrics per layer (SPEC §4): FVU, MSE, L0, dead/alive latents, and
+the centred sum of squares that every FVU denominator uses. Uses torch only.
 
 Sums are kept in float64 so memory is O(layers x (d_model + n_latents)), not O(tokens).
 FVU_l = sum_t ||x^ - x||^2 / sum_t ||x - xbar_l||^2 with xbar_l the per-component mean over
@@ -9,6 +10,12 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+
+def centred_sum_sq(sum_x: Tensor, sum_sq: Tensor, n: Tensor | float) -> Tensor:
+    """sum_t ||x_t - xbar||^2 from `sum_x = sum_t x_t [..., d]`, `sum_sq = sum_t ||x_t||^2
+    [...]` and the count `n`. The difference cancels: pass float64 sums."""
+    return sum_sq - sum_x.pow(2).sum(-1) / n
 
 
 class ReconstructionStats:
@@ -38,8 +45,7 @@ class ReconstructionStats:
     def result(self) -> dict:
         if self.n == 0:
             raise ValueError("no tokens were evaluated")
-        mean = self.sum_x / self.n
-        total_var = self.sum_sq - self.n * mean.pow(2).sum(dim=1)
+        total_var = centred_sum_sq(self.sum_x, self.sum_sq, self.n)
         fvu = (self.sq_err / total_var).tolist()
         mse = (self.sq_err / (self.n * self.d_model)).tolist()
         l0 = (self.l0_sum / self.n).tolist()

@@ -2,13 +2,12 @@
 
 Every command that reads text after training (eval, analyze, examples, ...) uses these so
 that `--dataset/--tokens/--ctx-len` mean the same everywhere and the default is the run's
-own held-out split.
+own held-out split. Uses data, lm, sae and options; nothing above them.
 """
 
 from __future__ import annotations
 
-import argparse
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 from torch import Tensor
@@ -17,44 +16,8 @@ from mlsae.config import DataConfig, from_dict
 from mlsae.data import TokenSource, batches
 from mlsae.errors import UserError
 from mlsae.lm import LanguageModel, load_lm
+from mlsae.options import TextOptions
 from mlsae.sae import MLSAE
-
-
-@dataclass
-class TextOptions:
-    """Options shared by every command that streams text through a trained run."""
-
-    dataset: str | None = None  # None: the run's held-out split
-    split: str | None = None
-    text_column: str | None = None
-    ctx_len: int | None = None
-    tokens: int = 100_000
-    batch_size: int = 8
-    model: str | None = None  # None: the run's model
-    device: str = "auto"
-    dtype: str = "float32"
-
-
-def add_text_options(parser: argparse.ArgumentParser, tokens: int = 100_000) -> None:
-    g = parser.add_argument_group("text", "Which text is streamed (default: the run's "
-                                  "held-out split, never trained on).")
-    g.add_argument("--dataset", help="`pydoc`, a .txt/.jsonl/.parquet file or folder, or a "
-                   "datasets hub id; all of it is used (default: the run's held-out split)")
-    g.add_argument("--split", help="split of a hub dataset (default: the run's)")
-    g.add_argument("--text-column", help="text column (default: the run's)")
-    g.add_argument("--ctx-len", type=int, help="tokens per sequence (default: the run's)")
-    g.add_argument("--tokens", type=lambda s: int(float(s)), default=tokens,
-                   help=f"tokens to stream; fewer if the text runs out (default: {tokens})")
-    g.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass "
-                   "(default: 8)")
-    g.add_argument("--model", help="language model (default: the run's)")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda, mps (default: auto)")
-    g.add_argument("--dtype", default="float32", help="LM dtype (default: float32)")
-
-
-def text_options(args: argparse.Namespace) -> TextOptions:
-    return TextOptions(**{k: getattr(args, k) for k in TextOptions.__dataclass_fields__
-                          if hasattr(args, k)})
 
 
 def run_data_config(sae: MLSAE, opts: TextOptions) -> DataConfig:

@@ -1,4 +1,5 @@
-"""Process-level settings for fast CPU training."""
+"""Process-level settings for fast CPU training.
+Uses the C library through ctypes; nothing from mlsae."""
 
 from __future__ import annotations
 

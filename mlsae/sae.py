@@ -1,4 +1,5 @@
 """The TopK sparse autoencoder shared by all layers (SPEC §3), with sparse decode and backward.
+Uses config, errors and the kernels.
 
 Tensors use SAELens names: W_enc [d_model, n_latents], b_enc [n_latents],
 W_dec [n_latents, d_model], b_dec [d_model]. A checkpoint is a folder with `config.json`
@@ -23,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from mlsae.config import FORMAT_VERSION
-from mlsae.errors import UserError
+from mlsae.errors import UserError, first_line
 from mlsae.kernels.cpu import topk_plus_bias
 
 TENSOR_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")
@@ -244,9 +245,6 @@ class MLSAE(nn.Module):
         self.d_model, self.n_latents, self.k = d_model, n_latents, k
         self.standardize, self.eps = standardize, eps
         self.config = dict(config or {})
-        # Dtype of the encoder matmul that selects the top k (None: the weights' dtype).
-        # bfloat16 is ~2.5x faster on CPUs with bf16 units; values and gradients stay fp32.
-        self.matmul_dtype: torch.dtype | None = None
         self.W_enc = nn.Parameter(torch.empty(d_model, n_latents))
         self.b_enc = nn.Parameter(torch.zeros(n_latents))
         self.W_dec = nn.Parameter(torch.empty(n_latents, d_model))
@@ -263,7 +261,9 @@ class MLSAE(nn.Module):
             self.b_dec.zero_()
 
     # ---- preprocessing -------------------------------------------------------------------
-    def _standardize(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def preprocess(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """`x [..., d_model]` -> (x~ float32, mu, std `[..., 1]`): each vector standardized
+        over its components, x~ = (x - mu) / (std + eps) (identity when standardize is off)."""
         x = x.float()
         if not self.standardize:
             zero = x.new_zeros(*x.shape[:-1], 1)
@@ -277,23 +277,28 @@ class MLSAE(nn.Module):
             return xm / (std + self.eps), mu, std
         return xm.div_(std + self.eps), mu, std
 
-    def _unstandardize(self, x_tilde: Tensor, mu: Tensor, std: Tensor) -> Tensor:
+    def postprocess(self, x_tilde: Tensor, mu: Tensor, std: Tensor) -> Tensor:
+        """Undo `preprocess`: x~ * (std + eps) + mu."""
         return x_tilde * (std + self.eps) + mu
 
     # ---- public API ----------------------------------------------------------------------
-    def _encode_rows(self, x: Tensor, dead: Tensor | None = None, auxk: int = 0):
+    def _encode_rows(self, x: Tensor, dead: Tensor | None = None, auxk: int = 0,
+                     matmul_dtype: torch.dtype | None = None):
         """`x [N, d_model]` -> (x~, SparseCode, aux_acts, aux_idx): the standardized input,
-        its ReLU'd top-k code and, given `dead` latents and `auxk > 0`, their top-auxk."""
-        xt, mu, std = self._standardize(x)
+        its ReLU'd top-k code and, given `dead` latents and `auxk > 0`, their top-auxk.
+        `matmul_dtype`: dtype of the encoder matmul that selects the top k (None: float32,
+        exact); bfloat16 is ~2.5x faster on CPUs with bf16 units, values stay float32."""
+        xt, mu, std = self.preprocess(x)
         vals, idx, aux_vals, aux_idx = _TopKEncode.apply(
-            xt, self.b_dec, self.W_enc, self.b_enc, self.k, dead, auxk, self.matmul_dtype)
+            xt, self.b_dec, self.W_enc, self.b_enc, self.k, dead, auxk, matmul_dtype)
         aux_acts = F.relu(aux_vals) if aux_vals is not None else None
         return xt, SparseCode(F.relu(vals), idx, mu, std), aux_acts, aux_idx
 
-    def encode(self, x: Tensor) -> SparseCode:
+    def encode(self, x: Tensor, matmul_dtype: torch.dtype | None = None) -> SparseCode:
         """`x [..., d_model]` -> SparseCode with `acts, idx [..., k]` (acts >= 0)."""
         shape = x.shape[:-1]
-        _, code, _, _ = self._encode_rows(x.reshape(-1, self.d_model))
+        _, code, _, _ = self._encode_rows(x.reshape(-1, self.d_model),
+                                          matmul_dtype=matmul_dtype)
         return SparseCode(*(t.reshape(*shape, t.shape[-1]) for t in code))
 
     def decode_standardized(self, acts: Tensor, idx: Tensor) -> Tensor:
@@ -305,24 +310,25 @@ class MLSAE(nn.Module):
 
     def decode(self, code: SparseCode) -> Tensor:
         """Reconstruction in the original space of the encoded vectors."""
-        return self._unstandardize(self.decode_standardized(code.acts, code.idx), code.mu,
-                                   code.std)
+        return self.postprocess(self.decode_standardized(code.acts, code.idx), code.mu,
+                                code.std)
 
-    def forward(self, x: Tensor, dead: Tensor | None = None, auxk: int = 0) -> ForwardOutput:
+    def forward(self, x: Tensor, dead: Tensor | None = None, auxk: int = 0,
+                matmul_dtype: torch.dtype | None = None) -> ForwardOutput:
         """Encode and decode `x [N, d_model]`; with `dead [n_latents]` also return the top
         `auxk` ReLU'd pre-activations of dead latents for the AuxK loss."""
-        _, code, aux_acts, aux_idx = self._encode_rows(x, dead, auxk)
-        x_hat = self._unstandardize(self.decode_standardized(code.acts, code.idx), code.mu,
-                                    code.std)
+        _, code, aux_acts, aux_idx = self._encode_rows(x, dead, auxk, matmul_dtype)
+        x_hat = self.postprocess(self.decode_standardized(code.acts, code.idx), code.mu,
+                                 code.std)
         return ForwardOutput(x_hat, code, aux_acts, aux_idx)
 
-    def forward_train(self, x: Tensor, dead: Tensor | None = None,
-                      auxk: int = 0) -> TrainOutput:
+    def forward_train(self, x: Tensor, dead: Tensor | None = None, auxk: int = 0,
+                      matmul_dtype: torch.dtype | None = None) -> TrainOutput:
         """Training forward on `x [N, d_model]`: the per-vector squared error
         ||x_hat - x||^2 in the original space, computed in standardized space as
         (std + eps)^2 ||x~_hat - x~||^2 (equal up to rounding, with no un-standardizing in
         the graph); plus what the AuxK loss needs, as in `forward`."""
-        xt, code, aux_acts, aux_idx = self._encode_rows(x, dead, auxk)
+        xt, code, aux_acts, aux_idx = self._encode_rows(x, dead, auxk, matmul_dtype)
         weight = (code.std + self.eps).square().squeeze(-1)
         err, resid = _ReconError.apply(code.acts, code.idx, self.W_dec, self.b_dec, xt, weight)
         return TrainOutput(err, resid, code, aux_acts, aux_idx)
@@ -383,9 +389,8 @@ class MLSAE(nn.Module):
                     str(path), revision=revision,
                     allow_patterns=["config.json", "model.safetensors"]))
             except Exception as e:  # offline, unknown repo, auth: all one line for the user
-                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
                 raise UserError(f"checkpoint {str(path)!r}: no such folder, and not "
-                                f"downloadable from the hub ({first})") from None
+                                f"downloadable from the hub ({first_line(e)})") from None
         return cls._load_folder(folder, device)
 
     @classmethod
@@ -427,18 +432,6 @@ class MLSAE(nn.Module):
             self.write_files(Path(tmp))
             api.upload_folder(repo_id=repo_id, folder_path=tmp)
         return repo_id
-
-
-def replace_dir(src: Path, dst: Path) -> None:
-    """Move folder `src` to `dst`, replacing it; `dst` is never left half-written."""
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(dst, old)
-        os.replace(src, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(src, dst)
 
 
 @torch.no_grad()

@@ -19,18 +19,14 @@ from safetensors.torch import load_file
 
 from mlsae import DataConfig, SAEConfig, TrainConfig
 from mlsae.activations import batch_activations
-from mlsae.analysis import (
-    analyze,
-    collect_examples,
-    load_dists,
-    report,
-    resid_sim,
-    show_examples,
-)
-from mlsae.analysis.examples import MARK
+from mlsae.analysis.analyze import analyze, load_dists
+from mlsae.analysis.examples import MARK, collect_examples, show_examples
+from mlsae.analysis.report import report
+from mlsae.analysis.resid_sim import resid_sim
 from mlsae.cli import main
 from mlsae.evaluate import evaluate
-from mlsae.runs import TextOptions, eval_batches
+from mlsae.options import TextOptions
+from mlsae.runs import eval_batches
 from mlsae.sae import MLSAE
 from mlsae.train import RunConfig, train
 
@@ -84,7 +80,6 @@ def dense(run, tiny_lm):
     [seq, pos] and the include mask, computed batch by batch like the commands (the same
     batches give bit-identical top-k selections)."""
     sae = MLSAE.from_pretrained(run)
-    sae.matmul_dtype = None
     data_cfg, batch_list, _ = eval_batches(sae, tiny_lm, opts())
     out, masks = [], []
     for ids in batch_list:
@@ -181,7 +176,6 @@ def test_prompt_analysis(run, analyzed, tiny_lm):
     assert meta["top_latents"][0] == [[]] * N_LAYERS  # the excluded EOS
     # independently: dense codes of the prompt's tokens (EOS dropped)
     sae = MLSAE.from_pretrained(run)
-    sae.matmul_dtype = None
     x = tiny_lm.resid_post(torch.tensor([meta["token_ids"]]), list(range(N_LAYERS)))[:, 0, 1:]
     a = np.stack([torch.zeros(len(ids), N_LATENTS).scatter_(1, c.idx, c.acts).numpy()
                   for c in map(sae.encode, x)])  # [L, T, n]

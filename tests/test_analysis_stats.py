@@ -1,4 +1,4 @@
-"""mlsae.analysis.stats against brute-force numpy on small dense synthetic activations."""
+"""mlsae.analysis statistics against brute-force numpy on small dense synthetic activations."""
 
 import math
 
@@ -6,24 +6,24 @@ import numpy as np
 import pytest
 import torch
 
-from mlsae.analysis import (
+from mlsae.analysis.layer_dist import (
     LayerDistribution,
-    PerTokenLayerVariance,
-    ResidSimilarity,
-    TopExamples,
     aggregated_layer_var,
-    example_locations,
     heatmap_latents,
     layer_entropy,
     layer_moments,
     layer_probs,
-    max_cosine_within,
-    mmcs_between,
-    mmcs_within,
     n_active_layers,
     prompt_distribution,
-    query_examples,
     std_histogram,
+)
+from mlsae.analysis.mmcs import max_cosine_within, mmcs_between, mmcs_within
+from mlsae.analysis.resid_sim import ResidSimilarity
+from mlsae.analysis.token_variance import PerTokenLayerVariance
+from mlsae.analysis.top_examples import (
+    TopExamples,
+    example_locations,
+    query_examples,
     update_contexts,
 )
 

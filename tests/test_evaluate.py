@@ -18,7 +18,8 @@ from mlsae.cli import main
 from mlsae.compare import compare
 from mlsae.data import include_mask
 from mlsae.evaluate import evaluate, kl_div
-from mlsae.runs import TextOptions, eval_batches
+from mlsae.options import TextOptions
+from mlsae.runs import eval_batches
 from mlsae.sae import MLSAE
 from mlsae.train import RunConfig, train
 

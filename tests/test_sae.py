@@ -269,7 +269,7 @@ def test_standardize_is_differentiable():
     torch.std's gradient."""
     sae = make_sae()
     x = (torch.randn(6, 16) * 3 + 1).requires_grad_()
-    xt, _, _ = sae._standardize(x)
+    xt, _, _ = sae.preprocess(x)
     (g,) = torch.autograd.grad(xt.pow(3).sum(), x)
     x2 = x.detach().clone().requires_grad_()
     ref = (x2 - x2.mean(-1, keepdim=True)) / (x2.std(-1, keepdim=True, unbiased=False) + sae.eps)

@@ -25,7 +25,8 @@ from mlsae.analysis.analyze import analyze, load_dists
 from mlsae.analysis.examples import collect_examples
 from mlsae.cli import main
 from mlsae.data import include_mask
-from mlsae.runs import TextOptions, run_data_config
+from mlsae.options import TextOptions
+from mlsae.runs import run_data_config
 from mlsae.sae import MLSAE, SparseCode
 from mlsae.server.app import create_app
 from mlsae.server.runner import background

@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 from test_train import small_cfg
 
 from mlsae.errors import UserError
-from mlsae.sweep import parse_sweep
 from mlsae.train import train
+from mlsae.train.sweep import parse_sweep
 
 
 def weights(folder):
@@ -91,7 +91,7 @@ def test_two_rank_torchrun_matches_one_process(tiny_model_dir, text_file, tmp_pa
 def test_activation_cache_equals_streaming(tiny_lm, tiny_model_dir, text_file, tmp_path):
     from safetensors import safe_open
 
-    from mlsae.cache import read_manifest, write_cache
+    from mlsae.activations.cache import read_manifest, write_cache
     from mlsae.config import DataConfig
     from mlsae.lm import load_lm
 

@@ -1,10 +1,11 @@
 """`mlsae analyze`: how a run's latents spread over layers (SPEC §5), over a token set and over
 single prompts. The text is streamed once; statistics stream with bounded memory.
+Uses the analysis statistics, codes, evaluate and plots.
 
 Layer convention: statistics use layer POSITIONS 0..L-1 in the SAE's layer list (the summary's
 `layers` maps them to LM blocks; they coincide when the SAE reads blocks 0..L-1). Variance over
 layers is the population variance of the layer position under a distribution over layers
-(`mlsae.analysis.stats`): 0 for one layer, (L^2 - 1) / 12 for uniform.
+(`mlsae.analysis.layer_dist`): 0 for one layer, (L^2 - 1) / 12 for uniform.
 
 Writes to `<run>/analysis/` (dataset) and `<run>/analysis/prompts/prompt-<sha1[:8]>/` (each
 --prompt; same files plus prompt.json and top_latents.*):
@@ -42,19 +43,19 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from mlsae.analysis.codes import RunCodes, analysis_dir, open_run, token_strings
-from mlsae.analysis.stats import (
+from mlsae.analysis.layer_dist import (
     DEFAULT_MIN_COUNT,
     DEFAULT_MIN_FRAC,
     LayerDistribution,
-    PerTokenLayerVariance,
     heatmap_latents,
     layer_moments,
     std_histogram,
 )
+from mlsae.analysis.token_variance import PerTokenLayerVariance
 from mlsae.errors import UserError
 from mlsae.evaluate import shortfall_note
 from mlsae.lm import LanguageModel
-from mlsae.runs import TextOptions, add_text_options, text_options
+from mlsae.options import TextOptions, add_text_options, text_options
 
 PROMPT_TOP_LATENTS = 5  # per token and layer in prompt.json
 PROMPT_HEATMAP_LATENTS = 32

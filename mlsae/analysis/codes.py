@@ -1,4 +1,5 @@
 """A run's SAE codes over text: the one streaming loop that `analyze` and `examples` share.
+Uses activations, runs, the LM adapter and the SAE.
 
 Positions are excluded exactly as in training (SPEC §2): `batch_activations` keeps only the
 included positions, and the codes are scattered back into the `[batch, seq]` grid with zero
@@ -21,8 +22,8 @@ from mlsae.config import DataConfig
 from mlsae.errors import UserError
 from mlsae.evaluate import check_text_options
 from mlsae.lm import LanguageModel
+from mlsae.options import TextOptions
 from mlsae.runs import (
-    TextOptions,
     check_lm_matches,
     eval_batches,
     load_run_lm,
@@ -116,7 +117,6 @@ def open_run(run: str | Path, opts: TextOptions, lm: LanguageModel | None = None
     else:
         check_lm_matches(sae, lm)
     sae.to(lm.device)
-    sae.matmul_dtype = None  # the analyses must see exactly the latents the SAE selects
     return RunCodes(sae, lm, sae_layers(sae), run_data_config(sae, opts), opts)
 
 

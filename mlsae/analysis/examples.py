@@ -1,4 +1,5 @@
 """`mlsae examples`: max-activating examples per (latent, layer), with context (SPEC §5).
+Uses codes and top_examples.
 
 Collect: the run's held-out text (or --dataset) is streamed once into `TopExamples`, which
 keeps the --top largest activations of every (latent, layer) (memory 12 * n_latents * layers
@@ -34,10 +35,10 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mlsae.analysis.codes import RunCodes, analysis_dir, open_run, require_run_dir, token_strings
-from mlsae.analysis.stats import TopExamples, query_examples, update_contexts
+from mlsae.analysis.top_examples import TopExamples, query_examples, update_contexts
 from mlsae.errors import UserError
 from mlsae.lm import LanguageModel
-from mlsae.runs import TextOptions, add_text_options, text_options
+from mlsae.options import TextOptions, add_text_options, text_options
 
 DB_NAME = "examples.sqlite"
 MARK = ("«", "»")

@@ -1,9 +1,10 @@
 """`mlsae mmcs A [B]`: mean max cosine similarity of decoder rows (SPEC §5).
+Uses runs (to load SAEs) only.
 
 Within one SAE: for each row of W_dec the largest cosine with any OTHER row, averaged over
 rows. Between two: for each row of A's W_dec the largest cosine with any row of B's, averaged
 over A's rows (not symmetric: swap A and B for the other direction). Computed in row chunks
-(`mlsae.analysis.stats`), so memory is `chunk x n_latents`, never `n_latents^2`.
+so memory is `chunk x n_latents`, never `n_latents^2`.
 
 Prints the number; writes nothing unless --out FILE (JSON: a, b, mmcs, n_latents_a,
 n_latents_b, d_model).
@@ -13,14 +14,51 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
+import torch
 from torch import Tensor
 
-from mlsae.analysis.stats import mmcs_between, mmcs_within
 from mlsae.errors import UserError
 from mlsae.lm import resolve_device
 from mlsae.runs import load_sae
+
+
+def _unit(w: Tensor) -> Tensor:
+    w = w.float()
+    return w / w.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def max_cosine_within(w_dec: Tensor, chunk: int = 256) -> Tensor:
+    """For each row of w_dec [n, d], the max cosine with any OTHER row -> [n] float32."""
+    w = _unit(w_dec)
+    n = w.shape[0]
+    if n < 2:
+        return torch.full((n,), math.nan)
+    out = torch.empty(n, device=w.device)
+    for s in range(0, n, chunk):
+        sims = w[s : s + chunk] @ w.T  # [c, n]
+        r = torch.arange(sims.shape[0], device=w.device)
+        sims[r, s + r] = -math.inf  # exclude self
+        out[s : s + chunk] = sims.max(1).values
+    return out
+
+
+def max_cosine_between(a: Tensor, b: Tensor, chunk: int = 256) -> Tensor:
+    """For each row of a [n, d], the max cosine with any row of b [m, d] -> [n] float32."""
+    a, b = _unit(a), _unit(b)
+    return torch.cat([(a[s : s + chunk] @ b.T).max(1).values for s in range(0, a.shape[0], chunk)])
+
+
+def mmcs_within(w_dec: Tensor, chunk: int = 256) -> float:
+    """Mean max cosine similarity within one dictionary w_dec [n, d] (self excluded)."""
+    return max_cosine_within(w_dec, chunk).mean().item()
+
+
+def mmcs_between(a: Tensor, b: Tensor, chunk: int = 256) -> float:
+    """Mean over rows of a [n, d] of the max cosine with rows of b [m, d] (not symmetric)."""
+    return max_cosine_between(a, b, chunk).mean().item()
 
 DEFAULT_CHUNK = 1024
 

@@ -1,4 +1,5 @@
 """`mlsae report RUN`: one self-contained HTML page of everything known about a run.
+Uses the other analysis modules' outputs and plots.
 
 Writes `<run>/report/` (or --out): `index.html` and the PNG images it shows, nothing else; the
 page has inline CSS, no script and no external resource, so the folder opens from disk (or
@@ -35,7 +36,7 @@ import torch
 from mlsae.analysis.analyze import DEFINITIONS, SEED_DOC, load_dists
 from mlsae.analysis.codes import require_run_dir
 from mlsae.analysis.examples import DB_NAME, show_examples
-from mlsae.analysis.stats import layer_entropy, layer_moments, layer_probs, n_active_layers
+from mlsae.analysis.layer_dist import layer_entropy, layer_moments, layer_probs, n_active_layers
 from mlsae.errors import UserError
 
 EXAMPLES_SHOWN = 5

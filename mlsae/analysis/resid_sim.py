@@ -1,4 +1,5 @@
 """`mlsae resid-sim`: residual-stream similarity of adjacent layers, per model (SPEC §5).
+Uses data, the LM adapter and plots.
 
 For each model, over the same text (default `pydoc`, read from its start, every position
 excluded as in training: position 0 and special tokens), with `xbar_l` the mean resid_post of
@@ -22,22 +23,90 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from mlsae.analysis.codes import stats_device
-from mlsae.analysis.stats import ResidSimilarity
 from mlsae.config import DataConfig
 from mlsae.data import TokenSource, batches, include_mask
 from mlsae.errors import UserError
 from mlsae.evaluate import check_text_options
 from mlsae.lm import LanguageModel, load_lm, peek_shape
-from mlsae.runs import TextOptions, add_text_options, text_options
+from mlsae.options import TextOptions, add_text_options, text_options
+
+
+class ResidSimilarity:
+    """Mean over tokens of cos(x_l(t) - xbar_l, x_{l+1}(t) - xbar_{l+1}) per adjacent pair.
+
+    Exact two-pass API (the cosine is not linear, so centring needs the final means first)::
+
+        sim = ResidSimilarity(n_layers, d_model)
+        for x in batches: sim.update_mean(x)     # pass 1, x [layer, *tok, d_model]
+        sim.finalize_means()
+        for x in batches: sim.update(x)          # pass 2, the SAME tokens again
+        cos, mean_cos = sim.compute()            # [L - 1] float64, float
+
+    A centred vector of norm 0 gives cosine 0 (denominator clamped to ``eps``).
+    """
+
+    def __init__(self, n_layers: int, d_model: int, eps: float = 1e-12):
+        self.n_layers, self.d_model, self.eps = n_layers, d_model, eps
+        self.sum = torch.zeros(n_layers, d_model, dtype=torch.float64)
+        self.n_mean = 0
+        self.mean: Tensor | None = None  # [layer, d_model] float64 after finalize_means()
+        self.cos_sum = torch.zeros(max(n_layers - 1, 0), dtype=torch.float64)
+        self.n_cos = 0
+
+    def _tokens(self, x: Tensor, mask: Tensor | None) -> Tensor:
+        if x.shape[0] != self.n_layers or x.shape[-1] != self.d_model:
+            raise ValueError(f"expected [{self.n_layers}, *tok, {self.d_model}], got {x.shape}")
+        x = x.reshape(self.n_layers, -1, self.d_model)
+        if mask is not None:
+            x = x[:, mask.reshape(-1).to(device=x.device, dtype=torch.bool)]
+        return x.double()
+
+    def update_mean(self, x: Tensor, mask: Tensor | None = None) -> None:
+        """Pass 1: x [layer, *tok, d_model], mask [*tok] (optional)."""
+        if self.mean is not None:
+            raise RuntimeError("update_mean() after finalize_means()")
+        x = self._tokens(x, mask)
+        self.sum += x.sum(1).cpu()
+        self.n_mean += x.shape[1]
+
+    def finalize_means(self) -> Tensor:
+        """End pass 1; returns xbar [layer, d_model]."""
+        if self.n_mean == 0:
+            raise RuntimeError("no tokens seen in pass 1")
+        self.mean = self.sum / self.n_mean
+        return self.mean
+
+    def update(self, x: Tensor, mask: Tensor | None = None) -> None:
+        """Pass 2: x [layer, *tok, d_model], mask [*tok] (optional)."""
+        if self.mean is None:
+            raise RuntimeError("call finalize_means() before update()")
+        x = self._tokens(x, mask)
+        u = x - self.mean.to(x.device)[:, None]  # [layer, token, d]
+        norm = u.norm(dim=-1)  # [layer, token]
+        dot = (u[:-1] * u[1:]).sum(-1)  # [layer - 1, token]
+        self.cos_sum += (dot / (norm[:-1] * norm[1:]).clamp_min(self.eps)).sum(1).cpu()
+        self.n_cos += x.shape[1]
+
+    def compute(self, strict: bool = True) -> tuple[Tensor, float]:
+        """(cos per adjacent pair [L - 1], mean over pairs). ``strict`` checks that pass 2 saw as
+        many tokens as pass 1 (the caller must re-stream the same tokens)."""
+        if self.n_cos == 0:
+            raise RuntimeError("no tokens seen in pass 2")
+        if strict and self.n_cos != self.n_mean:
+            raise RuntimeError(f"pass 2 saw {self.n_cos} tokens, pass 1 saw {self.n_mean}")
+        cos = self.cos_sum / self.n_cos
+        return cos, (cos.mean().item() if cos.numel() else math.nan)
 
 DEFAULT_OUT = "resid_sim"
 

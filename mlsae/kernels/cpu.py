@@ -1,4 +1,5 @@
 """Build `topk.c` with the system C compiler at first use and call it through ctypes.
+Uses errors only.
 
 The shared library is cached under `$MLSAE_CACHE_DIR` (default `~/.cache/mlsae/kernels`),
 keyed by the source, the compiler flags and this CPU (it is built with -march=native, so a
@@ -20,6 +21,8 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from mlsae.errors import first_line
 
 FLAGS = ["-O3", "-march=native", "-shared", "-fPIC"]
 _SOURCE = Path(__file__).with_name("topk.c")
@@ -96,8 +99,7 @@ def library() -> ctypes.CDLL | None:
         try:
             _state["lib"] = _build()
         except (OSError, subprocess.SubprocessError) as e:
-            detail = getattr(e, "stderr", None) or str(e)
-            first = (str(detail).strip().splitlines() or [type(e).__name__])[0]
+            first = first_line(getattr(e, "stderr", None) or e)
             warnings.warn(f"mlsae: CPU top-k kernel unavailable ({first}); using torch.topk",
                           stacklevel=2)
             _state["lib"] = None

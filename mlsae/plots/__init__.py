@@ -1,1 +1,2 @@
-"""Figures (matplotlib, Agg backend): one module per family of commands."""
+"""Figures (matplotlib, Agg backend): one module per family of commands.
+Uses matplotlib and numpy only: callers pass plain arrays."""

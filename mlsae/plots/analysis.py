@@ -1,4 +1,5 @@
 """Figures of the analysis commands (analyze, resid-sim, report), on matplotlib's Agg canvas.
+Uses plots.eval only.
 
 Every `*_figure` function takes plain arrays and an output stem (a path without suffix) and
 writes `<stem>.png` and `<stem>.pdf` (PNG for the HTML report, PDF for papers); it returns the
@@ -15,7 +16,7 @@ from matplotlib.colors import PowerNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from mlsae.plots.eval import _figure
+from mlsae.plots.eval import new_figure
 
 FORMATS = ("png", "pdf")
 TICKS_MAX = 16  # label at most this many layers on an axis
@@ -41,7 +42,7 @@ def layer_heatmap_figure(p: np.ndarray, layers: Sequence[int], stem: str | Path,
     With `latent_ids` (few columns) the columns are labelled with the latent ids."""
     n_layers, n_cols = p.shape
     labelled = latent_ids is not None
-    fig = _figure(max(6.0, 0.28 * n_cols + 2.0) if labelled else 10.0,
+    fig = new_figure(max(6.0, 0.28 * n_cols + 2.0) if labelled else 10.0,
                   max(3.0, 0.16 * n_layers + 1.6))
     ax = fig.add_subplot()
     # square-root colour scale: a latent spread over L layers has shares near 1/L, which a
@@ -64,7 +65,7 @@ def std_hist_figure(edges: np.ndarray, latent_counts: np.ndarray, token_counts: 
                     stem: str | Path, what: str = "dataset") -> Path:
     """Histograms (as fractions) of layer std: per latent over the token set vs per active
     (token, latent) pair, on the same bins."""
-    fig = _figure(6.4, 3.6)
+    fig = new_figure(6.4, 3.6)
     ax = fig.add_subplot()
     for counts, label in ((latent_counts, f"per latent, aggregated over the {what}"),
                           (token_counts, "per (token, latent), single tokens")):
@@ -84,7 +85,7 @@ def n_active_figure(latent_hist: np.ndarray, pair_hist: np.ndarray, stem: str | 
                     what: str = "dataset") -> Path:
     """Bars: fraction of latents active at n layers (over the token set) vs fraction of active
     (token, latent) pairs firing at n layers. Index n of each histogram = n layers."""
-    fig = _figure(6.4, 3.6)
+    fig = new_figure(6.4, 3.6)
     ax = fig.add_subplot()
     n = np.arange(1, len(latent_hist))
     width = 0.4
@@ -109,7 +110,7 @@ def top_latents_figure(tokens: Sequence[str], top_ids: np.ndarray, top_acts: np.
     top_ids, top_acts [layer, token] (-1 / 0 where nothing fired or the position is excluded).
     """
     n_layers, n_tok = top_ids.shape
-    fig = _figure(max(5.0, 0.62 * n_tok + 2.0), max(3.0, 0.24 * n_layers + 1.6))
+    fig = new_figure(max(5.0, 0.62 * n_tok + 2.0), max(3.0, 0.24 * n_layers + 1.6))
     ax = fig.add_subplot()
     im = ax.imshow(np.where(top_ids >= 0, top_acts, np.nan), aspect="auto", cmap="magma_r",
                    origin="lower", interpolation="nearest")
@@ -130,7 +131,7 @@ def top_latents_figure(tokens: Sequence[str], top_ids: np.ndarray, top_acts: np.
 
 def resid_sim_figure(curves: dict[str, tuple[np.ndarray, np.ndarray]], stem: str | Path) -> Path:
     """One line per model: cosine of adjacent layers' centred residuals vs relative depth."""
-    fig = _figure(6.4, 3.8)
+    fig = new_figure(6.4, 3.8)
     ax = fig.add_subplot()
     for name, (x, cos) in curves.items():
         ax.plot(x, cos, "o-", markersize=3, label=f"{name} (mean {np.mean(cos):.3f})")
@@ -145,7 +146,7 @@ def resid_sim_figure(curves: dict[str, tuple[np.ndarray, np.ndarray]], stem: str
 
 def training_curves_figure(rows: list[dict], stem: str | Path) -> Path:
     """Loss, mean FVU, mean L0 and dead fraction against training tokens (metrics.jsonl)."""
-    fig = _figure(11.0, 3.2)
+    fig = new_figure(11.0, 3.2)
     tokens = [r["tokens"] for r in rows]
     series = {
         "loss": [r["loss"] for r in rows],
@@ -164,7 +165,7 @@ def training_curves_figure(rows: list[dict], stem: str | Path) -> Path:
 def latent_layers_figure(p: np.ndarray, counts: np.ndarray, layers: Sequence[int],
                          stem: str | Path, title: str) -> Path:
     """One latent: its share of activation per layer (bars) and firing count (line)."""
-    fig = _figure(4.2, 2.4)
+    fig = new_figure(4.2, 2.4)
     ax = fig.add_subplot()
     x = np.arange(len(layers))
     ax.bar(x, p, color="tab:blue")

@@ -19,7 +19,7 @@ FVU_VMAX = 1.0
 ANNOTATE_MAX = 12  # write the value in each cell up to this many rows/columns
 
 
-def _figure(width: float, height: float) -> Figure:
+def new_figure(width: float, height: float) -> Figure:
     fig = Figure(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(fig)
     return fig
@@ -29,7 +29,7 @@ def fvu_matrix_figure(matrix: torch.Tensor, train_layers: list[int], eval_layers
                       path: str | Path) -> Path:
     """Heatmap of `matrix [train layer, eval layer]` FVU values."""
     n_rows, n_cols = matrix.shape
-    fig = _figure(max(4.0, 0.35 * n_cols + 2.5), max(3.0, 0.35 * n_rows + 1.5))
+    fig = new_figure(max(4.0, 0.35 * n_cols + 2.5), max(3.0, 0.35 * n_rows + 1.5))
     ax = fig.add_subplot()
     im = ax.imshow(matrix.numpy(), cmap="viridis", vmin=0.0, vmax=FVU_VMAX, aspect="auto")
     fig.colorbar(im, ax=ax, extend="max", label="FVU")
@@ -50,7 +50,7 @@ def fvu_matrix_figure(matrix: torch.Tensor, train_layers: list[int], eval_layers
 
 def compare_figure(rows: list[dict], path: str | Path) -> Path:
     """FVU, dCE and L0 over layers: MLSAE vs single-layer SAEs (rows of `compare`)."""
-    fig = _figure(11.0, 3.4)
+    fig = new_figure(11.0, 3.4)
     titles = {"fvu": "FVU", "dce": "dCE (nats)", "l0": "L0"}
     for ax, (metric, title) in zip(fig.subplots(1, 3), titles.items()):
         for who, label, style in (("mlsae", "MLSAE", "o-"), ("baseline", "single-layer", "s--")):

@@ -1,4 +1,5 @@
-"""`mlsae serve RUN`: an interactive explorer of a trained run in the browser.
+"""`mlsae serve RUN`: an interactive explorer of a trained run in the browser. The top of
+the tree with the CLI: uses the analyses, runs, the LM adapter and the SAE.
 
 One process: FastAPI + uvicorn serve a JSON API and the plain HTML/CSS/JS front end shipped
 in `static/`. Views: Prompt (tokens, layers x latents heatmap, a token's latents per layer),

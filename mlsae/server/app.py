@@ -18,7 +18,8 @@ from fastapi.staticfiles import StaticFiles
 
 from mlsae.errors import UserError
 from mlsae.lm import LanguageModel
-from mlsae.runs import TextOptions, check_lm_matches, load_run_lm, load_sae
+from mlsae.options import TextOptions
+from mlsae.runs import check_lm_matches, load_run_lm, load_sae
 from mlsae.sae import MLSAE
 from mlsae.server import DEFAULT_MAX_PROMPT_TOKENS
 from mlsae.server import models as M
@@ -55,7 +56,6 @@ def _load(run_dir: str | Path, lm: LanguageModel | None, sae: MLSAE | None,
     else:
         check_lm_matches(sae, lm)
     sae.to(lm.device).eval()
-    sae.matmul_dtype = None  # show exactly the latents the SAE selects in float32
     return sae, lm
 
 

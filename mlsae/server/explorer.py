@@ -32,11 +32,13 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
-from mlsae.analysis.stats import heatmap_latents, prompt_distribution, query_examples
+from mlsae.analysis.layer_dist import heatmap_latents, prompt_distribution
+from mlsae.analysis.top_examples import query_examples
 from mlsae.data import include_mask
 from mlsae.errors import UserError
 from mlsae.lm import LanguageModel
-from mlsae.runs import TextOptions, run_data_config, sae_layers
+from mlsae.options import TextOptions
+from mlsae.runs import run_data_config, sae_layers
 from mlsae.sae import MLSAE
 from mlsae.server import models as M
 

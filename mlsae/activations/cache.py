@@ -7,10 +7,12 @@ stream order) and `seq_lens [sequences]` (included tokens of each packed sequenc
 reader can regroup tokens into exactly the batches a streaming run would see. Sequences come
 from the same train stream (`TokenSource.train_sequences`) as `mlsae train` with the same
 seed: training from the cache without shuffling equals streaming (bit-identical with float32).
+Also the `mlsae cache` command. Uses the LM adapter, data and options.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 from collections.abc import Iterator
 from dataclasses import asdict
@@ -22,11 +24,13 @@ from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mlsae.activations import batch_activations
+from mlsae import config as C
+from mlsae.activations.capture import batch_activations
 from mlsae.config import DataConfig, resolve_layers
 from mlsae.data import TokenSource, batches
 from mlsae.errors import UserError
 from mlsae.lm import load_lm, resolve_dtype
+from mlsae.options import add_dataclass_options, build_config, number
 
 MANIFEST = "manifest.json"
 
@@ -133,3 +137,41 @@ class CachedActivations:
             if n:
                 parts.append(self.files[s].get_slice("acts")[:, first:first + n])
         return torch.cat(parts, dim=1).float()  # [layer, tokens, d_model]
+
+
+# ---- CLI ---------------------------------------------------------------------------------
+def _cmd_cache(args: argparse.Namespace) -> int:
+    out = write_cache(args.model, args.out, args.tokens, layers=args.layers,
+                      data=build_config(C.DataConfig, vars(args)),
+                      store_dtype=args.store_dtype, batch_size=args.batch_size, seed=args.seed,
+                      shard_sequences=args.shard_sequences, device=args.device,
+                      dtype=args.dtype)
+    print(f"activation cache: {out}")
+    return 0
+
+
+def add_commands(sub) -> None:
+    """Register `mlsae cache` on the subparsers object `sub`."""
+    p = sub.add_parser("cache", help="write resid_post activations to disk for training",
+                       description="Stream training text through the LM once and store the "
+                       "resid_post of the chosen layers (included positions only) in shards; "
+                       "train on it with `mlsae train --activations DIR`.")
+    p.add_argument("--out", required=True, help="cache folder (must not hold a cache)")
+    p.add_argument("--model", default=C.TrainConfig.model, help="language model (default: "
+                   f"{C.TrainConfig.model})")
+    p.add_argument("--layers", default="all", help="layers, as for train (default: all)")
+    p.add_argument("--tokens", type=number(int), default=100_000,
+                   help="packed tokens to cache (default: 100000)")
+    p.add_argument("--store-dtype", default="float16",
+                   help="float16, bfloat16 or float32 (default: float16)")
+    p.add_argument("--batch-size", type=int, default=C.TrainConfig.batch_size,
+                   help="sequences per LM forward; use the training --batch-size to "
+                   f"reproduce a streaming run exactly (default: {C.TrainConfig.batch_size})")
+    p.add_argument("--seed", type=int, default=0, help="data-order seed, as for train "
+                   "(default: 0)")
+    p.add_argument("--shard-sequences", type=int, default=64,
+                   help="sequences per shard file (default: 64)")
+    p.add_argument("--device", default="auto", help="torch device (default: auto)")
+    p.add_argument("--dtype", default="float32", help="LM dtype (default: float32)")
+    add_dataclass_options(p, C.DataConfig)
+    p.set_defaults(func=_cmd_cache)

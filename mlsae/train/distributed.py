@@ -1,4 +1,5 @@
 """torch.distributed glue for `torchrun -m mlsae train`: every helper is a no-op in one process.
+Uses torch.distributed only.
 
 Each rank streams its own slice of every global batch (sequence i of a batch goes to rank
 i % world); the loss is written so that the SUM over ranks of its gradients equals the

@@ -1,4 +1,5 @@
-"""Tokens -> the resid_post vectors the SAE sees: `[layer, token, d_model]`, included only."""
+"""Tokens -> the resid_post vectors the SAE sees: `[layer, token, d_model]`, included only.
+Uses the LM adapter and data."""
 
 from __future__ import annotations
 

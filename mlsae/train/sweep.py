@@ -1,4 +1,4 @@
-"""Sweeps: several SAE configs trained from one LM forward per batch.
+"""Sweeps: several SAE configs trained from one LM forward per batch. Uses config and errors.
 
 `"k=16,32 expansion_factor=8"` expands to one config per combination; only options that do
 not change the activation stream (the SAE's shape and the optimisation) may vary.

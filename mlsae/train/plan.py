@@ -1,0 +1,109 @@
+"""Run planning: what a `mlsae train` call trains and where, before anything is loaded.
+
+A new run, a sweep (one child folder per combination) or a resume (flags checked against the
+stored config); the checks that need no model; a run trained from an activation cache takes
+the cache's model, layers and data settings. Uses config, sweep and checkpoint names only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from mlsae import config as C
+from mlsae.config import RunConfig
+from mlsae.errors import UserError
+from mlsae.lm import resolve_dtype
+from mlsae.train.checkpoint import CHECKPOINT
+from mlsae.train.sweep import parse_sweep, sweep_name, with_overrides
+
+# Flags that may differ on --resume: they change how a run is watched, not what it computes.
+RESUME_FREE = {"device", "threads", "log_every", "save_every", "eval_tokens", "out"}
+
+
+def default_run_dir(cfg: RunConfig) -> Path:
+    name = Path(cfg.train.model).name.removesuffix(".gguf").replace("/", "_")
+    return Path("runs") / f"{name}-x{cfg.sae.expansion_factor}-k{cfg.sae.k}"
+
+
+def validate(cfg: RunConfig) -> None:
+    """Checks that need no model; the rest happen once d_model is known."""
+    if cfg.sae.expansion_factor <= 0:
+        raise UserError(f"--expansion-factor must be positive, got {cfg.sae.expansion_factor}")
+    if cfg.sae.k <= 0:
+        raise UserError(f"--k must be positive, got {cfg.sae.k}")
+    if cfg.train.tokens <= 0 or cfg.train.batch_size <= 0 or cfg.data.ctx_len <= 1:
+        raise UserError("--tokens and --batch-size must be positive and --ctx-len at least 2")
+    if not 0 <= cfg.data.holdout_fraction < 1:
+        raise UserError("--holdout-fraction must be in [0, 1)")
+    if cfg.train.lr is not None and cfg.train.lr <= 0:
+        raise UserError("--lr must be positive")
+    resolve_dtype(cfg.train.dtype)
+    resolve_dtype(cfg.train.sae_matmul_dtype, "--sae-matmul-dtype")
+    if not 0 <= cfg.train.lr_decay <= 1 or cfg.train.warmup_steps < 0:
+        raise UserError("--lr-decay must be in [0, 1] and --warmup-steps >= 0")
+    if not 0 <= cfg.data.exclude_first < cfg.data.ctx_len:
+        raise UserError("--exclude-first must be >= 0 and below --ctx-len")
+
+
+def read_run_config(run_dir: Path) -> RunConfig:
+    state_path = run_dir / CHECKPOINT / "state.json"
+    if not state_path.is_file():
+        raise UserError(f"--resume {str(run_dir)!r}: not a run folder (no checkpoint/state.json)")
+    try:
+        return RunConfig.from_dict(json.loads(state_path.read_text())["config"])
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise UserError(f"--resume {str(run_dir)!r}: unreadable checkpoint/state.json ({e})") \
+            from None
+
+
+def merge_resume(stored: RunConfig, given: dict[str, object]) -> RunConfig:
+    """Apply explicitly given flags to a stored config; any that changes the run is an error."""
+    for section in (stored.sae, stored.data, stored.train):
+        for name, value in given.items():
+            if not hasattr(section, name):
+                continue
+            old = getattr(section, name)
+            if name in RESUME_FREE:
+                setattr(section, name, value)
+            elif old != value:
+                flag = "--" + name.replace("_", "-")
+                raise UserError(f"--resume: {flag} {value!r} disagrees with the run's {old!r}")
+    return stored
+
+
+def plan_runs(cfg: RunConfig | None, resume, given: dict, sweep: str | None
+              ) -> tuple[Path, list[tuple[RunConfig, Path]]]:
+    """(run folder, [(config, child folder)]) for a new run, a sweep, or a resume."""
+    if resume is not None:
+        root = Path(resume)
+        meta = root / "sweep.json"
+        children = ([root / n for n in json.loads(meta.read_text())["runs"]]
+                    if meta.is_file() else [root])
+        return root, [(merge_resume(read_run_config(c), dict(given)), c) for c in children]
+    cfg = cfg or RunConfig()
+    root = Path(cfg.train.out) if cfg.train.out else default_run_dir(cfg)
+    if sweep:
+        if not cfg.train.out:
+            root = root.with_name(root.name.rsplit("-x", 1)[0] + "-sweep")
+        plan = [(with_overrides(cfg, o), root / sweep_name(o)) for o in parse_sweep(sweep)]
+    else:
+        plan = [(cfg, root)]
+    for _, folder in plan:
+        if (folder / CHECKPOINT).exists() or (folder / "sweep.json").exists():
+            raise UserError(f"{str(folder)!r} already holds a run: use --resume {root} "
+                            "or another --out")
+    return root, plan
+
+
+def adopt_cache_manifest(cfg: RunConfig, manifest: dict) -> None:
+    """A run trained from a cache takes the cache's model, layers and data settings."""
+    layers = ",".join(map(str, manifest["layers"]))
+    if cfg.train.layers not in ("all", layers):
+        raise UserError(f"--layers {cfg.train.layers!r} disagrees with the activation cache's "
+                        f"layers {layers}")
+    cfg.train.model, cfg.train.layers = manifest["model"], layers
+    cached = C.from_dict(C.DataConfig, manifest["data"])
+    cfg.data = dataclasses.replace(cached, holdout_fraction=cfg.data.holdout_fraction,
+                                   eval_dataset=cfg.data.eval_dataset)

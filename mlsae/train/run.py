@@ -1,0 +1,106 @@
+"""`train()`: plan the run(s), load the LM (or open an activation cache), build one Trainer per
+run, fit them on one activation stream, and write the held-out summary.
+
+Uses everything in mlsae.train, the LM adapter, data and the activation cache.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+
+import torch
+
+from mlsae import config as C
+from mlsae.activations.cache import CachedActivations
+from mlsae.config import RunConfig
+from mlsae.data import TokenSource
+from mlsae.errors import UserError
+from mlsae.lm import LanguageModel, load_lm, peek_shape, resolve_device
+from mlsae.runtime import freed_memory_kept
+from mlsae.train.distributed import barrier, init_from_env
+from mlsae.train.loop import fit, heldout_summaries, lm_stream
+from mlsae.train.plan import adopt_cache_manifest, plan_runs, validate
+from mlsae.train.trainer import Trainer
+
+
+def train(cfg: RunConfig | None = None, resume: str | os.PathLike | None = None,
+          given: dict | None = None, lm: LanguageModel | None = None,
+          on_step: Callable[[Trainer], None] | None = None, progress: bool = True,
+          sweep: str | None = None) -> dict:
+    """Train (or resume) a run, or a sweep of runs sharing one LM forward per batch.
+
+    Returns {"run_dir", "runs", "finished", "summary", "summaries", "trainer", "trainers"}.
+    `given` are explicitly set options (checked against a resumed run's config); `lm` lets a
+    caller pass an already loaded model (tests, benchmarks). While it runs, glibc malloc
+    keeps freed memory for reuse (`mlsae.runtime.freed_memory_kept`).
+    """
+    with freed_memory_kept():
+        return _train(cfg, resume, given, lm, on_step, progress, sweep)
+
+
+def _train(cfg, resume, given, lm, on_step, progress, sweep) -> dict:
+    root, plan = plan_runs(cfg, resume, given or {}, sweep)
+    for c, _ in plan:
+        validate(c)
+    lead = plan[0][0]
+    if lead.train.threads:
+        torch.set_num_threads(lead.train.threads)
+    device = resolve_device(lead.train.device)
+    dist_info = init_from_env(device)
+    if dist_info.enabled and device.type == "cuda":  # one GPU per rank
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if lead.train.batch_size % dist_info.world:
+        raise UserError(f"--batch-size {lead.train.batch_size} is not divisible by the "
+                        f"{dist_info.world} ranks")
+    cache = None
+    if lead.train.activations:
+        cache = CachedActivations(lead.train.activations, lead.train.cache_shuffle,
+                                  lead.train.seed)
+        for c, _ in plan:
+            adopt_cache_manifest(c, cache.manifest)
+        n_layers, d_model = cache.manifest["n_lm_layers"], cache.manifest["d_model"]
+    elif lm is None:
+        n_layers, d_model = peek_shape(lead.train.model)  # fail on bad flags before loading
+    else:
+        n_layers, d_model = lm.n_layers, lm.d_model
+    layers = C.resolve_layers(lead.train.layers, n_layers)
+    for c, _ in plan:
+        if c.sae.k > c.sae.expansion_factor * d_model:
+            raise UserError(f"--k {c.sae.k} exceeds n_latents {c.sae.expansion_factor * d_model}")
+    if lm is None and cache is None:
+        lm = load_lm(lead.train.model, str(device), lead.train.dtype)
+    trainers = [Trainer(c, d_model, layers, folder, device, dist_info) for c, folder in plan]
+    if resume is not None:
+        for tr in trainers:
+            tr.load()
+        if len({(tr.step, tr.sequences) for tr in trainers}) > 1:
+            raise UserError(f"--resume {str(root)!r}: the sweep's runs stopped at different "
+                            "steps; resume each run folder on its own")
+    elif sweep and dist_info.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "sweep.json").write_text(json.dumps(
+            {"sweep": sweep, "runs": [f.name for _, f in plan]}, indent=2) + "\n")
+    start = trainers[0].sequences
+    if cache is not None:
+        stream = cache.batches(lead.train.batch_size, start, dist_info.rank, dist_info.world)
+    else:
+        source = TokenSource(lead.data, lm.tokenizer, lm.eos_id, seed=lead.train.seed)
+        stream = lm_stream(lm, source, lead, layers, start, device, dist_info)
+    finished = fit(trainers, stream, on_step=on_step, progress=progress)
+    summaries: list[dict | None] = [None] * len(trainers)
+    if finished and lead.train.eval_tokens > 0 and dist_info.is_main:
+        if lm is None:  # trained from a cache: the held-out check still needs the LM
+            lm = load_lm(lead.train.model, str(device), lead.train.dtype)
+        source = TokenSource(lead.data, lm.tokenizer, lm.eos_id, seed=lead.train.seed)
+        summaries = heldout_summaries(trainers, lm, source, int(lead.train.eval_tokens),
+                                      progress=progress)
+        for tr, summary in zip(trainers, summaries):
+            if summary is not None:
+                (tr.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    barrier(dist_info)
+    return {"run_dir": root, "runs": [tr.run_dir for tr in trainers], "finished": finished,
+            "summary": summaries[0], "summaries": summaries, "trainer": trainers[0],
+            "trainers": trainers}
