@@ -93,3 +93,19 @@ def text_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("text") / "corpus.txt"
     path.write_text("".join(topics[k] for k in sorted(topics))[:40_000])
     return path
+
+
+@pytest.fixture(params=["kernel", "torch"])
+def topk_path(request, monkeypatch):
+    """Run an SAE-math test on both top-k paths: the CPU C kernel, and the torch.topk path
+    that CUDA, MPS and machines without a C compiler take."""
+    if request.param == "torch":
+        monkeypatch.setenv("MLSAE_NO_KERNELS", "1")
+    else:
+        monkeypatch.delenv("MLSAE_NO_KERNELS", raising=False)
+        from mlsae.kernels import cpu
+
+        if cpu.library() is None:
+            pytest.skip("no C compiler here: the kernel path is unavailable")
+    return request.param
+

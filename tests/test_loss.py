@@ -16,6 +16,9 @@ from mlsae.train.loss import loss, update_dead_counters
 
 L, T, D, N, K, AUXK = 3, 10, 8, 24, 3, 5
 
+# Both top-k paths (C kernel, torch.topk) for the single-process tests: see conftest.
+both_paths = pytest.mark.usefixtures("topk_path")
+
 
 def make_sae(seed: int = 0) -> MLSAE:
     g = torch.Generator().manual_seed(seed)
@@ -63,6 +66,7 @@ def dense_loss(sae: MLSAE, x: torch.Tensor, dead: torch.Tensor, coef: float):
     return total, err, var, aux, fired, l0, [p.grad for p in (W_enc, b_enc, W_dec, b_dec)]
 
 
+@both_paths
 def test_loss_matches_dense_restatement_with_dead_latents():
     sae, x = make_sae(), make_x()
     dead = torch.zeros(N, dtype=torch.bool)
@@ -82,6 +86,7 @@ def test_loss_matches_dense_restatement_with_dead_latents():
         torch.testing.assert_close(p.grad.double(), g, rtol=1e-4, atol=1e-6)
 
 
+@both_paths
 def test_loss_without_dead_latents_has_no_auxk():
     sae, x = make_sae(), make_x()
     out = loss(sae, x, torch.zeros(N, dtype=torch.bool), auxk=AUXK)

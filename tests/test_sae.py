@@ -7,6 +7,9 @@ import torch
 from mlsae.errors import UserError
 from mlsae.sae import MLSAE, geometric_median
 
+# Every SAE-math test runs on both top-k paths (C kernel and torch.topk): see conftest.
+pytestmark = pytest.mark.usefixtures("topk_path")
+
 
 def make_sae(d=16, n=64, k=4, seed=0, standardize=True):
     sae = MLSAE(d, n, k, standardize=standardize, config={"model": "x", "layers": [0, 1]})
@@ -234,7 +237,7 @@ def test_encoder_chunks_give_the_same_code(monkeypatch):
     dead = torch.zeros(64, dtype=torch.bool)
     dead[3::4] = True
     whole = S.encoder_topk(x, W, b, 5, dead=dead, auxk=3)
-    monkeypatch.setattr(S, "_rows_per_chunk", lambda device: 7)
+    monkeypatch.setattr(S, "_rows_per_chunk", lambda *_: 7)
     chunked = S.encoder_topk(x, W, b, 5, dead=dead, auxk=3)
     for a, c in zip(whole, chunked):
         if a.is_floating_point():
@@ -275,3 +278,40 @@ def test_standardize_is_differentiable():
     ref = (x2 - x2.mean(-1, keepdim=True)) / (x2.std(-1, keepdim=True, unbiased=False) + sae.eps)
     (g2,) = torch.autograd.grad(ref.pow(3).sum(), x2)
     torch.testing.assert_close(g, g2, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("standardize", [True, False])
+def test_input_gradient_matches_dense_autograd(standardize):
+    """Gradients reach the SAE's input (attribution patching, integrated gradients): d x_hat /
+    d x through standardizing, the selected encoder columns and un-standardizing."""
+    sae = make_sae(standardize=standardize)
+    x = (torch.randn(30, 16) * 2 + 0.5).requires_grad_()
+    w = torch.randn(30, 16)
+    (g,) = torch.autograd.grad((sae(x).x_hat * w).sum(), x)
+    x2 = x.detach().clone().requires_grad_()
+    ref, _, _ = dense_reference(sae, x2)
+    (g2,) = torch.autograd.grad((ref * w).sum(), x2)
+    torch.testing.assert_close(g, g2, rtol=1e-4, atol=1e-5)
+    # through the training forward too (per-vector error), and the encode path alone
+    x3 = x.detach().clone().requires_grad_()
+    (g3,) = torch.autograd.grad(sae.forward_train(x3).err.sum(), x3)
+    x4 = x.detach().clone().requires_grad_()
+    ref4, _, _ = dense_reference(sae, x4)
+    (g4,) = torch.autograd.grad((ref4 - x4).pow(2).sum(), x4)
+    torch.testing.assert_close(g3, g4, rtol=1e-3, atol=1e-4)
+
+
+def test_auxk_code_equals_dense_topk_of_dead_latents():
+    """The dead latents' top-auxk code is the top-auxk of their own pre-activations (encoder
+    bias added once), on either top-k path."""
+    sae = make_sae()
+    x = torch.randn(25, 16)
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[::4] = True
+    out = sae(x, dead=dead, auxk=5)
+    xt, _, _ = sae.preprocess(x)
+    pre = ((xt - sae.b_dec) @ sae.W_enc + sae.b_enc).detach()
+    ref = pre.masked_fill(~dead, float("-inf")).topk(5, dim=-1)
+    torch.testing.assert_close(out.aux_acts.sort(-1).values, ref.values.relu().sort(-1).values)
+    assert (out.aux_idx.sort(-1).values == ref.indices.sort(-1).values).all()
+
