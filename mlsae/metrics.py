@@ -12,6 +12,16 @@ import torch
 from torch import Tensor
 
 
+def f64(t: Tensor) -> Tensor:
+    """`t` (detached) as float64 for exact sums: on its own device where that has float64
+    (CPU, CUDA), else on the host (Apple MPS has no float64). Every float64 statistic of
+    training and evaluation is made here (tests/test_devices.py checks that)."""
+    t = t.detach()
+    if t.device.type == "mps":
+        t = t.cpu()
+    return t.double()
+
+
 def centred_sum_sq(sum_x: Tensor, sum_sq: Tensor, n: Tensor | float) -> Tensor:
     """sum_t ||x_t - xbar||^2 from `sum_x = sum_t x_t [..., d]`, `sum_sq = sum_t ||x_t||^2
     [...]` and the count `n`. The difference cancels: pass float64 sums."""
@@ -20,25 +30,25 @@ def centred_sum_sq(sum_x: Tensor, sum_sq: Tensor, n: Tensor | float) -> Tensor:
 
 class ReconstructionStats:
     def __init__(self, n_layers: int, d_model: int, n_latents: int):
-        f64 = torch.float64
+        dt = torch.float64  # host tensors
         self.n = 0  # tokens per layer
-        self.sq_err = torch.zeros(n_layers, dtype=f64)  # sum ||x^ - x||^2
-        self.sum_x = torch.zeros(n_layers, d_model, dtype=f64)
-        self.sum_sq = torch.zeros(n_layers, dtype=f64)  # sum ||x||^2
-        self.l0_sum = torch.zeros(n_layers, dtype=f64)
+        self.sq_err = torch.zeros(n_layers, dtype=dt)  # sum ||x^ - x||^2
+        self.sum_x = torch.zeros(n_layers, d_model, dtype=dt)
+        self.sum_sq = torch.zeros(n_layers, dtype=dt)  # sum ||x||^2
+        self.l0_sum = torch.zeros(n_layers, dtype=dt)
         self.fired = torch.zeros(n_layers, n_latents, dtype=torch.bool)
         self.d_model = d_model
 
     @torch.no_grad()
     def update(self, x: Tensor, x_hat: Tensor, acts: Tensor, idx: Tensor) -> None:
         """x, x_hat `[layer, token, d_model]`; acts, idx `[layer, token, k]`."""
-        x, x_hat = x.double().cpu(), x_hat.double().cpu()
+        x, x_hat = f64(x.cpu()), f64(x_hat.cpu())
         self.n += x.shape[1]
         self.sq_err += (x_hat - x).pow(2).sum(dim=(1, 2))
         self.sum_x += x.sum(dim=1)
         self.sum_sq += x.pow(2).sum(dim=(1, 2))
         active = (acts > 0).cpu()
-        self.l0_sum += active.sum(dim=(1, 2)).double()
+        self.l0_sum += f64(active.sum(dim=(1, 2)))
         for layer in range(x.shape[0]):
             self.fired[layer, idx[layer].cpu()[active[layer]]] = True
 
@@ -50,7 +60,7 @@ class ReconstructionStats:
         mse = (self.sq_err / (self.n * self.d_model)).tolist()
         l0 = (self.l0_sum / self.n).tolist()
         alive = self.fired.sum(dim=1).tolist()
-        dead_fraction = 1.0 - self.fired.any(dim=0).double().mean().item()
+        dead_fraction = 1.0 - self.fired.any(dim=0).float().mean().item()
         return {
             "tokens": self.n,
             "per_layer": {"fvu": fvu, "mse": mse, "l0": l0, "alive": alive},

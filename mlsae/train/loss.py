@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from torch.distributed import ReduceOp
 
-from mlsae.metrics import centred_sum_sq
+from mlsae.metrics import centred_sum_sq, f64
 from mlsae.sae import MLSAE, sparse_decode
 from mlsae.train.distributed import Dist, all_reduce_
 
@@ -25,8 +25,8 @@ FIRED_THRESHOLD = 1e-3  # a latent "fires" above this activation (Gao et al.)
 
 class LossOutput(NamedTuple):
     loss: Tensor  # scalar to backpropagate: this rank's share of the global loss
-    err: Tensor  # [layer] float64 sum of squared errors over the global batch
-    var: Tensor  # [layer] float32 centred sum of squares of x over the global batch
+    err: Tensor  # [layer] float64 sum of squared errors over the global batch (see f64)
+    var: Tensor  # [layer] float32 centred sum of squares of x over the global batch, x's device
     aux_loss: float  # AuxK loss over the global batch (0 when no latent is dead)
     fired: Tensor  # [n_latents] bool: fired somewhere in the global batch
     l0: Tensor  # [layer] float64 sum over tokens of active latents, global batch
@@ -34,7 +34,7 @@ class LossOutput(NamedTuple):
 
     @property
     def fvu(self) -> list[float]:
-        return (self.err / self.var.double()).tolist()
+        return (self.err / f64(self.var).to(self.err.device)).tolist()
 
 
 def layer_variance(x: Tensor, dist: Dist) -> tuple[Tensor, int]:
@@ -42,17 +42,17 @@ def layer_variance(x: Tensor, dist: Dist) -> tuple[Tensor, int]:
     (`[layer]` float32, clamped away from 0; tokens per layer in the global batch).
 
     Row norms and sums are float32 (pairwise-summed); the cancelling difference is taken in
-    float64."""
+    float64 (`f64`: on the host where the device has none)."""
     n_layers, n_tok, d = x.shape
     with torch.no_grad():
-        totals = torch.cat([x.sum(1).double().flatten(),
-                            torch.linalg.vector_norm(x, dim=2).double().square().sum(1),
-                            torch.tensor([float(n_tok)], dtype=torch.float64, device=x.device)])
+        totals = torch.cat([f64(x.sum(1)).flatten(),
+                            f64(torch.linalg.vector_norm(x, dim=2)).square().sum(1),
+                            f64(torch.tensor([float(n_tok)], device=x.device))])
         all_reduce_(totals, dist)
         sum_x = totals[: n_layers * d].view(n_layers, d)
         sum_sq = totals[n_layers * d: n_layers * d + n_layers]
         n_all = totals[-1]
-        var = centred_sum_sq(sum_x, sum_sq, n_all).float().clamp_min(1e-12)
+        var = centred_sum_sq(sum_x, sum_sq, n_all).float().clamp_min(1e-12).to(x.device)
     return var, int(n_all)
 
 
@@ -66,10 +66,10 @@ def auxk_loss(sae: MLSAE, resid: Tensor, aux_acts: Tensor, aux_idx: Tensor, n_de
     d = e.shape[1]
     with torch.no_grad():
         tot = all_reduce_(torch.cat([
-            e.sum(0).double(),
-            torch.linalg.vector_norm(e, dim=1).double().square().sum()[None],
-            torch.tensor([float(len(e))], dtype=torch.float64, device=e.device)]), dist)
-        e_var = centred_sum_sq(tot[:d], tot[d], tot[-1]).float().clamp_min(1e-12)
+            f64(e.sum(0)),
+            f64(torch.linalg.vector_norm(e, dim=1)).square().sum()[None],
+            f64(torch.tensor([float(len(e))], device=e.device))]), dist)
+        e_var = centred_sum_sq(tot[:d], tot[d], tot[-1]).float().clamp_min(1e-12).to(e.device)
     return (e_hat - e).pow(2).sum() / e_var * min(n_dead / auxk, 1.0)
 
 
@@ -97,12 +97,11 @@ def loss(sae: MLSAE, x: Tensor, dead: Tensor | None, dist: Dist | None = None, a
         aux = auxk_loss(sae, out.resid, out.aux_acts, out.aux_idx, n_dead, auxk, dist)
         total = total + auxk_coef * aux
     with torch.no_grad():
-        stats = all_reduce_(torch.cat([err.detach().double(), aux.detach().double()[None]]),
-                            dist)
+        stats = all_reduce_(torch.cat([f64(err), f64(aux)[None]]), dist)
         acts, idx = out.code.acts, out.code.idx
         fired = torch.bincount(idx.flatten(), weights=(acts > FIRED_THRESHOLD).flatten().float(),
                                minlength=sae.n_latents).gt(0).int()
-        l0 = (acts > 0).reshape(n_layers, n_tok, -1).sum(-1).double().sum(1)  # [layer]
+        l0 = f64((acts > 0).reshape(n_layers, n_tok, -1).sum(-1)).sum(1)  # [layer]
         all_reduce_(fired, dist, op=ReduceOp.MAX)
         all_reduce_(l0, dist)
     return LossOutput(total, stats[:n_layers], var, stats[-1].item(), fired.bool(), l0, n_all)

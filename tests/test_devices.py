@@ -1,0 +1,71 @@
+"""Paths of devices this CPU machine does not have. Apple MPS has no float64: every float64
+statistic of training must be made by `mlsae.metrics.f64`, which moves the tensor to the host
+first on such a device (checked with a stand-in tensor, and by reading the source)."""
+
+import ast
+from pathlib import Path
+
+import torch
+
+import mlsae
+from mlsae.metrics import f64
+
+ROOT = Path(mlsae.__file__).parent
+# Modules whose statistics may run on an accelerator.
+DEVICE_MODULES = [*sorted((ROOT / "train").glob("*.py")), ROOT / "metrics.py"]
+
+
+class FakeMPSTensor:
+    """Records what is done to it; `.double()` refuses unless the data moved to the host."""
+
+    def __init__(self):
+        self.device = torch.device("mps")
+        self.calls = []
+
+    def detach(self):
+        self.calls.append("detach")
+        return self
+
+    def cpu(self):
+        self.calls.append("cpu")
+        return torch.ones(3)
+
+    def double(self):
+        raise AssertionError("float64 on a device without float64")
+
+
+def test_f64_moves_to_host_where_the_device_has_no_float64():
+    t = FakeMPSTensor()
+    out = f64(t)
+    assert t.calls == ["detach", "cpu"] and out.dtype == torch.float64
+    assert out.device.type == "cpu"
+
+
+def test_f64_stays_on_devices_with_float64():
+    x = torch.arange(4.0, requires_grad=True)
+    out = f64(x)
+    assert out.dtype == torch.float64 and not out.requires_grad
+
+
+def float64_sites(path: Path) -> list[str]:
+    """`.double()` calls and `float64` tensors created on a given device, outside f64."""
+    bad = []
+    tree = ast.parse(path.read_text())
+    allowed = {id(n) for f in ast.walk(tree) if isinstance(f, ast.FunctionDef)
+               and f.name == "f64" for n in ast.walk(f)}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and id(node) not in allowed:
+            fn = node.func
+            if isinstance(fn, ast.Attribute) and fn.attr == "double":
+                bad.append(f"{path.name}:{node.lineno} .double()")
+            kws = {k.arg: k.value for k in node.keywords}
+            dtype = kws.get("dtype")
+            if ("device" in kws and isinstance(dtype, ast.Attribute)
+                    and dtype.attr in ("float64", "double")):
+                bad.append(f"{path.name}:{node.lineno} float64 on a device")
+    return bad
+
+
+def test_device_statistics_make_float64_only_through_f64():
+    bad = [site for p in DEVICE_MODULES for site in float64_sites(p)]
+    assert bad == [], bad
