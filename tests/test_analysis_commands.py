@@ -163,6 +163,43 @@ def test_analyze_files_and_summary_match_numpy(run, analyzed, dense):
             assert (folder / f"{stem}.{ext}").stat().st_size > 1000
 
 
+def test_analyze_dynamics_match_numpy(run, analyzed, dense):
+    """persistence, contiguity, entry / exit / lifespan in summary.json and latents.csv against
+    dense numpy over the same codes (issue 14 item 3)."""
+    a, _, mask = dense
+    folder = run / "analysis"
+    s = json.loads((folder / "summary.json").read_text())
+    tok = a.reshape(N_LAYERS, -1, N_LATENTS)[:, mask.reshape(-1)] > 0  # [L, T, n] active
+    act = tok.any(0)
+    pos = np.arange(N_LAYERS)[:, None, None]
+    entry = np.where(tok, pos, N_LAYERS).min(0)
+    exit_ = np.where(tok, pos, -1).max(0)
+    both = (tok[:-1] & tok[1:]).sum()
+    assert math.isclose(s["persistence"], both / tok[:-1].sum(), rel_tol=1e-12)
+    contiguous = (exit_ - entry + 1 == tok.sum(0))[act]
+    assert math.isclose(s["frac_pairs_contiguous"], contiguous.mean(), rel_tol=1e-12)
+    assert math.isclose(s["mean_entry_layer"], entry[act].mean(), rel_tol=1e-12)
+    assert math.isclose(s["mean_lifespan"], (exit_ - entry + 1)[act].mean(), rel_tol=1e-12)
+    assert s["histograms"]["lifespan"] == np.bincount((exit_ - entry + 1)[act],
+                                                      minlength=N_LAYERS + 1).tolist()
+    with (folder / "latents.csv").open() as f:
+        f.readline()
+        rows = list(csv.DictReader(f))
+    n_pairs = act.sum(0)
+    for f_, r in enumerate(rows):
+        if n_pairs[f_] == 0:
+            assert r["entry_layer"] == ""
+            continue
+        assert math.isclose(float(r["entry_layer"]), entry[act[:, f_], f_].mean(), rel_tol=1e-5)
+        assert math.isclose(float(r["exit_layer"]), exit_[act[:, f_], f_].mean(), rel_tol=1e-5)
+        den = tok[:-1, :, f_].sum()
+        if den:
+            want = (tok[:-1, :, f_] & tok[1:, :, f_]).sum() / den
+            assert math.isclose(float(r["persistence"]), want, rel_tol=1e-5, abs_tol=1e-9)
+    for ext in ("png", "pdf"):
+        assert (folder / f"dynamics.{ext}").stat().st_size > 1000
+
+
 @torch.no_grad()
 def test_prompt_analysis(run, analyzed, tiny_lm):
     (res,) = analyzed["prompts"]

@@ -13,13 +13,15 @@ Writes to `<run>/analysis/` (dataset) and `<run>/analysis/prompts/prompt-<sha1[:
                       totals [layers, n_latents] float64 (sum of those activations);
                       metadata: layers (JSON list of blocks), included_tokens
   latents.csv         `#` comment line with the conventions and the active-layer threshold,
-                      then latent,count,total,mean_layer,layer_std,entropy,n_active_layers
+                      then latent,count,total,mean_layer,layer_std,entropy,n_active_layers,
+                      entry_layer,exit_layer,lifespan,persistence,frac_contiguous
                       (one row per latent; empty float cells for latents that never fired)
   summary.json        the numbers of DEFINITIONS (plus histograms, options, seconds)
   heatmap.{png,pdf}          layers x latents, each latent normalised over layers, sorted by
                              mean layer (dataset: every alive latent; prompt: the 32 largest)
   layer_std_hist.{png,pdf}   per-latent layer std vs per-(token, latent) layer std
   n_active_layers.{png,pdf}  active layers per latent vs per active (token, latent) pair
+  dynamics.{png,pdf}         entry / exit layer and lifespan of active (token, latent) pairs
   prompt.json (prompts)      text, tokens, included mask, top latents per token and layer
   top_latents.{png,pdf}      token x layer grid of the top latent (prompts)
 """
@@ -43,6 +45,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from mlsae.analysis.codes import RunCodes, analysis_dir, open_run, token_strings
+from mlsae.analysis.dynamics import LayerDynamics
 from mlsae.analysis.layer_dist import (
     DEFAULT_MIN_COUNT,
     DEFAULT_MIN_FRAC,
@@ -83,7 +86,18 @@ DEFINITIONS = {
     "frac_pairs_single_layer": "share of active (token, latent) pairs active at exactly one "
                                "layer",
     "active_pairs": "number of active (token, latent) pairs",
+    "persistence": "pooled P(latent active at layer position i+1 | active at i) over active "
+                   "(token, latent) pairs and i < L-1",
+    "frac_pairs_contiguous": "share of active (token, latent) pairs whose active layers form "
+                             "one contiguous run",
+    "mean_entry_layer": "mean over active (token, latent) pairs of the first active layer "
+                        "position",
+    "mean_exit_layer": "mean over active (token, latent) pairs of the last active layer position",
+    "mean_lifespan": "mean over active (token, latent) pairs of exit - entry + 1 (layers)",
 }
+DYNAMICS_KEYS = ("persistence", "frac_pairs_contiguous", "mean_entry_layer", "mean_exit_layer",
+                 "mean_lifespan")
+LATENT_DYNAMICS = ("entry_layer", "exit_layer", "lifespan", "persistence", "frac_contiguous")
 SEED_DOC = ("Seed paper code (tim-lawson/mlsae analysis/variances.py): q_tf = 0 for inactive "
             "pairs and distributions averaged over ALL tokens and latents, which adds a "
             "squared-mean term. exp_var_l_tf / exp_var_l_f / rel_var_t (= tf / f) are means "
@@ -97,20 +111,23 @@ def _ratio(a: float, b: float) -> float:
     return a / b if b > 0 else math.nan
 
 
-def empty_stats(codes: RunCodes) -> tuple[LayerDistribution, PerTokenLayerVariance]:
+def empty_stats(codes: RunCodes
+                ) -> tuple[LayerDistribution, PerTokenLayerVariance, LayerDynamics]:
     dev, n_layers, n_latents = codes.stats_device, codes.n_layers, codes.sae.n_latents
     return (LayerDistribution(n_layers, n_latents, device=dev),
-            PerTokenLayerVariance(n_layers, n_latents, device=dev))
+            PerTokenLayerVariance(n_layers, n_latents, device=dev),
+            LayerDynamics(n_layers, n_latents, device=dev))
 
 
 def collect(codes: RunCodes, batch_list: list[torch.Tensor], progress: bool = True
-            ) -> tuple[LayerDistribution, PerTokenLayerVariance]:
-    """Stream batches once into a layer distribution and the per-token layer variance."""
-    dist, ptv = empty_stats(codes)
+            ) -> tuple[LayerDistribution, PerTokenLayerVariance, LayerDynamics]:
+    """Stream batches once into a layer distribution, the per-token layer variance and the
+    layer dynamics."""
+    stats = empty_stats(codes)
     for _, _, acts, idx, mask in codes.stream(batch_list, "analyze", progress):
-        dist.update(idx, acts, mask)
-        ptv.update(idx, acts, mask)
-    return dist, ptv
+        for st in stats:
+            st.update(idx, acts, mask)
+    return stats
 
 
 def per_latent(dist: LayerDistribution) -> dict[str, torch.Tensor]:
@@ -119,7 +136,7 @@ def per_latent(dist: LayerDistribution) -> dict[str, torch.Tensor]:
 
 
 def distribution_summary(dist: LayerDistribution, ptv: PerTokenLayerVariance,
-                         per: dict[str, torch.Tensor]) -> dict:
+                         per: dict[str, torch.Tensor], dyn: LayerDynamics | None = None) -> dict:
     """The summary.json numbers of one token set (see DEFINITIONS); `per` = per_latent(dist)."""
     alive = per["count"] > 0
     pt = ptv.compute()
@@ -158,6 +175,11 @@ def distribution_summary(dist: LayerDistribution, ptv: PerTokenLayerVariance,
         },
         "definitions": DEFINITIONS,
     }
+    if dyn is not None:
+        d = dyn.compute()
+        out.update({key: d[key] for key in DYNAMICS_KEYS})
+        out["histograms"].update(entry_layer=d["entry_layer_hist"],
+                                 exit_layer=d["exit_layer_hist"], lifespan=d["lifespan_hist"])
     return _json_safe(out)
 
 
@@ -182,12 +204,13 @@ def write_latents_csv(path: Path, per: dict[str, torch.Tensor], layers: Sequence
                 f"entropy = H(p_f) / log L; {ACTIVE_RULE}; float cells empty for latents "
                 "that never fired\n")
         w = csv.writer(f)
+        dyn = [k for k in LATENT_DYNAMICS if k in per]  # per-latent dynamics, when computed
         w.writerow(["latent", "count", "total", "mean_layer", "layer_std", "entropy",
-                    "n_active_layers"])
+                    "n_active_layers", *dyn])
         for i in range(len(per["count"])):
             w.writerow([i, per["count"][i], _cell(per["total"][i]), _cell(per["layer_mean"][i]),
                         _cell(per["layer_std"][i]), _cell(per["entropy"][i]),
-                        per["n_active_layers"][i]])
+                        per["n_active_layers"][i], *(_cell(per[k][i]) for k in dyn)])
 
 
 def write_figures(out: Path, dist: LayerDistribution, summary: dict, layers: Sequence[int],
@@ -211,11 +234,15 @@ def write_figures(out: Path, dist: LayerDistribution, summary: dict, layers: Seq
                           np.array(h["pair_layer_std"]), out / "layer_std_hist", what)
     plots.n_active_figure(np.array(h["latent_n_active_layers"]), np.array(h["pair_n_layers"]),
                           out / "n_active_layers", what)
+    if "lifespan" in h:
+        plots.dynamics_figure(np.array(h["entry_layer"]), np.array(h["exit_layer"]),
+                              np.array(h["lifespan"]), layers, out / "dynamics",
+                              summary.get("persistence"), summary.get("frac_pairs_contiguous"))
 
 
 def write_distribution(out: Path, dist: LayerDistribution, ptv: PerTokenLayerVariance,
                        layers: Sequence[int], extra: dict, what: str,
-                       heatmap_top: int | None = None) -> dict:
+                       heatmap_top: int | None = None, dyn: LayerDynamics | None = None) -> dict:
     """dists.safetensors, latents.csv, figures and summary.json of one token set."""
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.cpu().contiguous() for k, v in dist.state_dict().items()},
@@ -223,8 +250,11 @@ def write_distribution(out: Path, dist: LayerDistribution, ptv: PerTokenLayerVar
               metadata={"layers": json.dumps(list(layers)),
                         "included_tokens": str(dist.n_tokens)})
     per = per_latent(dist)
+    if dyn is not None:
+        dper = dyn.per_latent()
+        per.update({k: dper[k] for k in LATENT_DYNAMICS})
     write_latents_csv(out / "latents.csv", per, layers)
-    summary = dict(extra, layers=list(layers), **distribution_summary(dist, ptv, per))
+    summary = dict(extra, layers=list(layers), **distribution_summary(dist, ptv, per, dyn))
     write_figures(out, dist, summary, layers, what, heatmap_top)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
@@ -266,16 +296,16 @@ def analyze_prompt(codes: RunCodes, text: str, root: Path) -> dict:
 
     ids = prompt_ids(codes.lm, text)
     acts, idx, mask = codes.encode(ids)  # [layer, 1, T, k], mask [1, T]
-    dist, ptv = empty_stats(codes)
-    dist.update(idx, acts, mask)
-    ptv.update(idx, acts, mask)
+    dist, ptv, dyn = empty_stats(codes)
+    for st in (dist, ptv, dyn):
+        st.update(idx, acts, mask)
     if dist.n_tokens == 0:
         raise UserError(f"--prompt {text!r}: every position is excluded (special tokens / "
                         "exclude_first)")
     out = root / f"prompt-{hashlib.sha1(text.encode()).hexdigest()[:8]}"
     summary = write_distribution(out, dist, ptv, codes.layers,
                                  {"prompt": text, "tokens": ids.shape[1]}, "prompt",
-                                 PROMPT_HEATMAP_LATENTS)
+                                 PROMPT_HEATMAP_LATENTS, dyn)
     strings = token_strings(codes.lm.tokenizer, ids[0].tolist())
     per_token, top1, top1_acts = top_latents_per_token(acts[:, 0], idx[:, 0],
                                                        PROMPT_TOP_LATENTS)
@@ -295,7 +325,7 @@ def analyze_prompt(codes: RunCodes, text: str, root: Path) -> dict:
 def analyze_dataset(codes: RunCodes, out: Path, progress: bool, t0: float) -> dict:
     """Stream the run's held-out (or --dataset) text once; write and return its summary."""
     batch_list, tokens = codes.text()
-    dist, ptv = collect(codes, batch_list, progress)
+    dist, ptv, dyn = collect(codes, batch_list, progress)
     if dist.n_tokens == 0:
         raise UserError("every position of the text is excluded (special tokens / "
                         "exclude_first)")
@@ -308,7 +338,7 @@ def analyze_dataset(codes: RunCodes, out: Path, progress: bool, t0: float) -> di
         extra["note"] = note
         print(f"note: {note}", file=sys.stderr)
     extra["seconds"] = round(time.perf_counter() - t0, 2)  # load + stream
-    return write_distribution(out, dist, ptv, codes.layers, extra, "dataset")
+    return write_distribution(out, dist, ptv, codes.layers, extra, "dataset", dyn=dyn)
 
 
 def analyze(run: str | Path, opts: TextOptions, prompts: Sequence[str] = (),
@@ -330,14 +360,15 @@ def analyze(run: str | Path, opts: TextOptions, prompts: Sequence[str] = (),
 
 
 HEADLINE = ("included_tokens", "alive_latents", "mean_layer_std", "frac_latents_multi_layer",
-            "per_token_layer_var", "aggregated_layer_var", "aggregated_over_per_token_ratio")
+            "per_token_layer_var", "aggregated_layer_var", "aggregated_over_per_token_ratio",
+            "persistence", "frac_pairs_contiguous")
 
 
 def format_summary(summary: dict) -> str:
     def fmt(v):
         return "-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
 
-    return "\n".join(f"  {key:<32} {fmt(summary[key])}" for key in HEADLINE)
+    return "\n".join(f"  {key:<32} {fmt(summary.get(key))}" for key in HEADLINE)
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:

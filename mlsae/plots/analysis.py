@@ -103,6 +103,37 @@ def n_active_figure(latent_hist: np.ndarray, pair_hist: np.ndarray, stem: str | 
     return save(fig, stem)
 
 
+def dynamics_figure(entry_hist: np.ndarray, exit_hist: np.ndarray, lifespan_hist: np.ndarray,
+                    layers: Sequence[int], stem: str | Path, persistence: float | None = None,
+                    contiguous: float | None = None) -> Path:
+    """Two panels over active (token, latent) pairs: the entry (first active) and exit (last
+    active) layer, and the lifespan exit - entry + 1 in layer positions (index n = n)."""
+    fig = new_figure(10.0, 3.6)
+    ax1, ax2 = fig.subplots(1, 2)
+    pos = np.arange(len(layers))
+    total = max(int(entry_hist.sum()), 1)
+    ax1.bar(pos - 0.2, entry_hist / total, 0.4, label="entry layer")
+    ax1.bar(pos + 0.2, exit_hist / total, 0.4, label="exit layer")
+    ax1.set_xticks(*_layer_ticks(layers))
+    ax1.set_xlabel("layer")
+    ax1.set_ylabel("fraction of active (token, latent) pairs")
+    ax1.set_title("Where a latent enters and leaves (per token)")
+    ax1.legend(fontsize=8)
+    ax1.grid(alpha=0.3, axis="y")
+    n = np.arange(1, len(lifespan_hist))
+    ax2.bar(n, lifespan_hist[1:] / max(int(lifespan_hist.sum()), 1), 0.8)
+    ax2.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax2.set_yscale("log")
+    ax2.set_xlabel("lifespan = exit - entry + 1 (layers)")
+    ax2.set_ylabel("fraction")
+    bits = [f"persistence {persistence:.3f}" if persistence is not None else "",
+            f"contiguous {contiguous:.3f}" if contiguous is not None else ""]
+    ax2.set_title("Lifespan per token" + (f" ({', '.join(b for b in bits if b)})"
+                                          if any(bits) else ""))
+    ax2.grid(alpha=0.3, axis="y")
+    return save(fig, stem)
+
+
 def top_latents_figure(tokens: Sequence[str], top_ids: np.ndarray, top_acts: np.ndarray,
                        layers: Sequence[int], stem: str | Path) -> Path:
     """Grid token x layer: each cell's colour is the largest activation, its text the latent.
