@@ -47,6 +47,8 @@ FIGURES = {  # analysis figure stem -> one-line explanation
                       "token set vs per (token, latent) pair; single tokens sit near 0.",
     "n_active_layers": "Number of layers a latent is active at: per latent over the token set "
                        "(active threshold below) vs per active (token, latent) pair.",
+    "dynamics": "Per active (token, latent) pair: the first (entry) and last (exit) layer where "
+                "the latent is active, and the lifespan exit - entry + 1 (log scale).",
     "top_latents": "For each token (x) and layer (y): the latent with the largest activation "
                    "(its id) and that activation (colour).",
 }
