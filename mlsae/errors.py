@@ -2,8 +2,13 @@
 exception. Imports nothing from mlsae: every module may use it."""
 
 
-class UserError(Exception):
-    """Bad input from the user: a flag, a path, a dataset, a checkpoint."""
+class UserError(ValueError):
+    """Bad input from the user: a flag, a path, a dataset, a checkpoint. A ValueError, so
+    Python callers can catch it as one; the CLI prints its message as one line."""
+
+
+class NotFound(UserError, FileNotFoundError):
+    """A checkpoint, folder or file that does not exist (also a FileNotFoundError)."""
 
 
 class TrainingDiverged(RuntimeError):

@@ -1,9 +1,17 @@
 """The TopK sparse autoencoder shared by all layers (SPEC §3), with sparse decode and backward.
-Uses config, errors and the kernels.
+Uses config, errors, the kernels, the checkpoint formats (`mlsae.formats`) and, for
+`spliced`, the splice helper (`mlsae.splice`).
 
 Tensors use SAELens names: W_enc [d_model, n_latents], b_enc [n_latents],
 W_dec [n_latents, d_model], b_dec [d_model]. A checkpoint is a folder with `config.json`
-and `model.safetensors` holding exactly those four tensors.
+and `model.safetensors` holding exactly those four tensors; `from_pretrained` also reads the
+seed paper's, SAELens' and sparsify's folders (see `mlsae.formats`).
+
+Standardization conventions (`norm_convention`, SPEC §3 and §8):
+  "mlsae"            std = population std; x~ = (x - mu) / (std + eps); x^ = y (std + eps) + mu
+  "unbiased_eps_div" std = unbiased std;   x~ = (x - mu) / (std + eps); x^ = y std + mu
+                     (the seed paper's code and SAELens' `layer_norm`)
+A checkpoint without the field is "mlsae".
 """
 
 from __future__ import annotations
@@ -19,15 +27,15 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from mlsae.config import FORMAT_VERSION
-from mlsae.errors import UserError, first_line
+from mlsae.errors import NotFound, UserError, first_line
 from mlsae.kernels.cpu import topk_plus_bias
 
 TENSOR_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")
+NORM_CONVENTIONS = ("mlsae", "unbiased_eps_div")
 
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 
@@ -40,6 +48,12 @@ class SparseCode(NamedTuple):
     idx: Tensor
     mu: Tensor
     std: Tensor
+
+    def dense(self, n_latents: int) -> Tensor:
+        """The code as a dense `[..., n_latents]` tensor (zeros off the k selected latents),
+        for patching: edit it and map it back with `MLSAE.decode_dense(dense, code)`."""
+        out = self.acts.new_zeros(*self.acts.shape[:-1], n_latents)
+        return out.scatter_(-1, self.idx, self.acts)
 
 
 class ForwardOutput(NamedTuple):
@@ -270,14 +284,19 @@ class MLSAE(nn.Module):
     """One TopK SAE for the resid_post vectors of every layer (the layer is not an input)."""
 
     def __init__(self, d_model: int, n_latents: int, k: int, standardize: bool = True,
-                 eps: float = 1e-5, config: dict | None = None):
+                 eps: float = 1e-5, config: dict | None = None,
+                 norm_convention: str = "mlsae"):
         super().__init__()
         if n_latents <= 0:
             raise UserError(f"n_latents must be positive, got {n_latents}")
         if not 0 < k <= n_latents:
-            raise UserError(f"--k must be in 1..n_latents ({n_latents}), got {k}")
+            raise UserError(f"k must be in 1..n_latents ({n_latents}), got {k}")
+        if norm_convention not in NORM_CONVENTIONS:
+            raise UserError(f"norm_convention {norm_convention!r}: choose one of "
+                            f"{', '.join(NORM_CONVENTIONS)}")
         self.d_model, self.n_latents, self.k = d_model, n_latents, k
         self.standardize, self.eps = standardize, eps
+        self.norm_convention = norm_convention
         self.config = dict(config or {})
         self.W_enc = nn.Parameter(torch.empty(d_model, n_latents))
         self.b_enc = nn.Parameter(torch.zeros(n_latents))
@@ -297,23 +316,39 @@ class MLSAE(nn.Module):
     # ---- preprocessing -------------------------------------------------------------------
     def preprocess(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """`x [..., d_model]` -> (x~ float32, mu, std `[..., 1]`): each vector standardized
-        over its components, x~ = (x - mu) / (std + eps) (identity when standardize is off)."""
+        over its components, x~ = (x - mu) / (std + eps) (identity when standardize is off).
+        std is the population std, or the unbiased one under `norm_convention`
+        "unbiased_eps_div"."""
         x = x.float()
         if not self.standardize:
             zero = x.new_zeros(*x.shape[:-1], 1)
-            return x, zero, zero + 1 - self.eps
+            return x, zero, zero + 1 - self.out_scale(zero)
         mu = x.mean(dim=-1, keepdim=True)
         xm = x - mu
         # Two passes (mean, then the norm of the centred vector): as exact as torch.std and
         # about 3x faster on CPU.
-        std = torch.linalg.vector_norm(xm, dim=-1, keepdim=True) / math.sqrt(x.shape[-1])
+        d = x.shape[-1] - (1 if self.norm_convention == "unbiased_eps_div" else 0)
+        std = torch.linalg.vector_norm(xm, dim=-1, keepdim=True) / math.sqrt(max(d, 1))
         if xm.requires_grad:  # keep autograd's saved tensors intact
             return xm / (std + self.eps), mu, std
         return xm.div_(std + self.eps), mu, std
 
+    def out_scale(self, std: Tensor) -> Tensor:
+        """The factor that maps standardized space back to the original one: std + eps
+        (convention "mlsae") or std ("unbiased_eps_div"). A change `dy` of the standardized
+        reconstruction changes the output by `out_scale(std) * dy`."""
+        return std + self.eps if self.norm_convention == "mlsae" else std
+
     def postprocess(self, x_tilde: Tensor, mu: Tensor, std: Tensor) -> Tensor:
-        """Undo `preprocess`: x~ * (std + eps) + mu."""
-        return x_tilde * (std + self.eps) + mu
+        """Undo `preprocess`: x~ * out_scale(std) + mu."""
+        return x_tilde * self.out_scale(std) + mu
+
+    @property
+    def layers(self) -> list[int] | None:
+        """The LM blocks (resid_post) this SAE was trained on, from its config (None when
+        the checkpoint does not say)."""
+        layers = self.config.get("layers")
+        return [int(v) for v in layers] if layers else None
 
     # ---- public API ----------------------------------------------------------------------
     def _encode_rows(self, x: Tensor, dead: Tensor | None = None, auxk: int = 0,
@@ -338,22 +373,34 @@ class MLSAE(nn.Module):
     def decode_standardized(self, acts: Tensor, idx: Tensor) -> Tensor:
         """Reconstruction in standardized space: `[..., k]` codes -> `[..., d_model]`."""
         shape = acts.shape[:-1]
-        out = sparse_decode(acts.reshape(-1, acts.shape[-1]), idx.reshape(-1, idx.shape[-1]),
-                            self.W_dec) + self.b_dec
-        return out.reshape(*shape, self.d_model)
+        acts = acts.reshape(-1, acts.shape[-1])
+        out = sparse_decode(acts, idx.reshape(-1, idx.shape[-1]), self.W_dec.to(acts.dtype))
+        return (out + self.b_dec).reshape(*shape, self.d_model)
 
     def decode(self, code: SparseCode) -> Tensor:
         """Reconstruction in the original space of the encoded vectors."""
         return self.postprocess(self.decode_standardized(code.acts, code.idx), code.mu,
                                 code.std)
 
+    def decode_dense(self, acts: Tensor, code: SparseCode) -> Tensor:
+        """Reconstruction from a dense code `acts [..., n_latents]` (e.g. an edited
+        `code.dense(n_latents)`), un-standardized with `code`'s mu and std."""
+        y = acts.float() @ self.W_dec.float() + self.b_dec.float()
+        return self.postprocess(y, code.mu, code.std)
+
     def forward(self, x: Tensor, dead: Tensor | None = None, auxk: int = 0,
                 matmul_dtype: torch.dtype | None = None) -> ForwardOutput:
-        """Encode and decode `x [N, d_model]`; with `dead [n_latents]` also return the top
-        `auxk` ReLU'd pre-activations of dead latents for the AuxK loss."""
-        _, code, aux_acts, aux_idx = self._encode_rows(x, dead, auxk, matmul_dtype)
+        """Encode and decode `x [..., d_model]` (any leading shape; x_hat is float32); with
+        `dead [n_latents]` (2-D `x` only) also return the top `auxk` ReLU'd pre-activations
+        of dead latents for the AuxK loss."""
+        shape = x.shape[:-1]
+        _, code, aux_acts, aux_idx = self._encode_rows(x.reshape(-1, x.shape[-1]), dead,
+                                                       auxk, matmul_dtype)
         x_hat = self.postprocess(self.decode_standardized(code.acts, code.idx), code.mu,
                                  code.std)
+        if x.dim() != 2:
+            x_hat = x_hat.reshape(*shape, x_hat.shape[-1])
+            code = SparseCode(*(t.reshape(*shape, t.shape[-1]) for t in code))
         return ForwardOutput(x_hat, code, aux_acts, aux_idx)
 
     def forward_train(self, x: Tensor, dead: Tensor | None = None, auxk: int = 0,
@@ -363,7 +410,7 @@ class MLSAE(nn.Module):
         (std + eps)^2 ||x~_hat - x~||^2 (equal up to rounding, with no un-standardizing in
         the graph); plus what the AuxK loss needs, as in `forward`."""
         xt, code, aux_acts, aux_idx = self._encode_rows(x, dead, auxk, matmul_dtype)
-        weight = (code.std + self.eps).square().squeeze(-1)
+        weight = self.out_scale(code.std).square().squeeze(-1)
         err, resid = _ReconError.apply(code.acts, code.idx, self.W_dec, self.b_dec, xt, weight)
         return TrainOutput(err, resid, code, aux_acts, aux_idx)
 
@@ -386,6 +433,8 @@ class MLSAE(nn.Module):
         cfg.update(format_version=FORMAT_VERSION, architecture="mlsae_topk",
                    d_model=self.d_model, n_latents=self.n_latents, k=self.k,
                    standardize=self.standardize, eps=self.eps)
+        if self.norm_convention != "mlsae":  # old readers see the keys they know
+            cfg["norm_convention"] = self.norm_convention
         return cfg
 
     def save_pretrained(self, path: str | os.PathLike) -> Path:
@@ -410,51 +459,65 @@ class MLSAE(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device = "cpu",
-                        revision: str | None = None) -> MLSAE:
-        """Load from a checkpoint folder, or download one from a hub repo id."""
+                        revision: str | None = None, subfolder: str | None = None,
+                        dtype: torch.dtype | str | None = None, format: str | None = None,
+                        model: str | None = None, layers: list[int] | None = None) -> MLSAE:
+        """Load from a checkpoint folder, or download one from a hub repo id.
+
+        Reads mlsae's own checkpoints and, detected from the files (or named by `format`),
+        the seed paper's, SAELens' and sparsify's (`mlsae.formats`). `subfolder`: a folder
+        inside `path` or the repo (e.g. `layer_3` of a SAELens export); `revision`: a hub
+        branch, tag or commit; `dtype`: the parameters' dtype (computation stays float32);
+        `model`, `layers`: the LM and its layers when the checkpoint does not name them (the
+        seed's repos name the model in their id and cover all layers).
+        """
+        from mlsae.formats import Hints, read
+
         folder = Path(path).expanduser()
         if not folder.exists():
             if str(path).startswith((".", "/", "~")) or str(path).count("/") != 1:
-                raise UserError(f"checkpoint {str(path)!r}: no such folder")
-            from huggingface_hub import snapshot_download
+                raise NotFound(f"checkpoint {str(path)!r}: no such folder")
+            folder = cls._download(str(path), revision, subfolder)
+        if subfolder:
+            folder = folder / subfolder
+        ck = read(folder, format, Hints(model=model, layers=layers, source=str(path)))
+        return cls.from_checkpoint(ck.config, ck.tensors, device=device, dtype=dtype)
 
-            try:
-                folder = Path(snapshot_download(
-                    str(path), revision=revision,
-                    allow_patterns=["config.json", "model.safetensors"]))
-            except Exception as e:  # offline, unknown repo, auth: all one line for the user
-                raise UserError(f"checkpoint {str(path)!r}: no such folder, and not "
-                                f"downloadable from the hub ({first_line(e)})") from None
-        return cls._load_folder(folder, device)
+    @staticmethod
+    def _download(repo_id: str, revision: str | None, subfolder: str | None) -> Path:
+        from huggingface_hub import snapshot_download
+
+        names = ["config.json", "model.safetensors", "cfg.json", "sae_weights.safetensors",
+                 "sae.safetensors"]
+        patterns = [f"{subfolder}/{n}" for n in names] if subfolder else names
+        try:
+            return Path(snapshot_download(repo_id, revision=revision,
+                                          allow_patterns=patterns))
+        except Exception as e:  # offline, unknown repo, auth: all one line for the user
+            raise NotFound(f"checkpoint {repo_id!r}: no such folder, and not "
+                           f"downloadable from the hub ({first_line(e)})") from None
 
     @classmethod
-    def _load_folder(cls, folder: Path, device) -> MLSAE:
-        for name in ("config.json", "model.safetensors"):
-            if not (folder / name).is_file():
-                raise UserError(f"checkpoint {str(folder)!r}: missing {name}")
-        try:
-            cfg = json.loads((folder / "config.json").read_text())
-            d, n, k = int(cfg["d_model"]), int(cfg["n_latents"]), int(cfg["k"])
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-            raise UserError(f"checkpoint {str(folder)!r}: bad config.json ({e})") from None
-        try:
-            tensors = load_file(str(folder / "model.safetensors"))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise UserError(f"checkpoint {str(folder)!r}: corrupt model.safetensors ({e})") \
-                from None
-        want = {"W_enc": (d, n), "b_enc": (n,), "W_dec": (n, d), "b_dec": (d,)}
-        for name, shape in want.items():
-            if name not in tensors or tuple(tensors[name].shape) != shape:
-                got = tuple(tensors[name].shape) if name in tensors else "missing"
-                raise UserError(
-                    f"checkpoint {str(folder)!r}: tensor {name} is {got}, expected {shape}")
-        meta = {key: v for key, v in cfg.items() if key not in ("d_model", "n_latents", "k")}
+    def from_checkpoint(cls, cfg: dict, tensors: dict[str, Tensor],
+                        device: str | torch.device = "cpu",
+                        dtype: torch.dtype | str | None = None) -> MLSAE:
+        """An MLSAE from a config (config.json's keys) and its four tensors."""
+        d, n, k = int(cfg["d_model"]), int(cfg["n_latents"]), int(cfg["k"])
+        meta = {key: v for key, v in cfg.items()
+                if key not in ("d_model", "n_latents", "k", "norm_convention")}
         sae = cls(d, n, k, standardize=bool(cfg.get("standardize", True)),
-                  eps=float(cfg.get("eps", 1e-5)), config=meta)
+                  eps=float(cfg.get("eps", 1e-5)), config=meta,
+                  norm_convention=cfg.get("norm_convention") or "mlsae")
         with torch.no_grad():
             for name in TENSOR_NAMES:
                 getattr(sae, name).copy_(tensors[name])
-        return sae.to(device)
+        if isinstance(dtype, str):
+            table = {"float32": torch.float32, "bfloat16": torch.bfloat16,
+                     "float16": torch.float16}
+            if dtype not in table:
+                raise UserError(f"dtype {dtype!r}: choose one of {', '.join(table)}")
+            dtype = table[dtype]
+        return sae.to(device=device, dtype=dtype) if dtype else sae.to(device)
 
     def push_to_hub(self, repo_id: str, private: bool = False, token: str | None = None) -> str:
         """Upload `config.json` and `model.safetensors` to a hub model repo."""

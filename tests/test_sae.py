@@ -174,7 +174,7 @@ def test_shape_mismatch_in_checkpoint(tmp_path):
 
 @pytest.mark.parametrize("k", [0, -1, 65])
 def test_bad_k(k):
-    with pytest.raises(UserError, match="--k"):
+    with pytest.raises(UserError, match="k must be in 1..n_latents"):
         MLSAE(16, 64, k)
 
 
