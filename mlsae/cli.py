@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-from mlsae.errors import TrainingDiverged, UserError
+from mlsae.errors import CheckpointError, TrainingDiverged, UserError
 from mlsae.options import Parser
 
 # Modules with an `add_commands(sub)`, in the order `mlsae --help` lists them.
@@ -19,11 +19,13 @@ COMMAND_MODULES = (
     "mlsae.evaluate",
     "mlsae.baselines",
     "mlsae.compare",
+    "mlsae.export",
     "mlsae.analysis.analyze",
     "mlsae.analysis.resid_sim",
     "mlsae.analysis.mmcs",
     "mlsae.analysis.examples",
     "mlsae.analysis.report",
+    "mlsae.synth",
     "mlsae.server",
 )
 
@@ -47,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"mlsae {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except TrainingDiverged as e:
+    except (TrainingDiverged, CheckpointError) as e:
         print(f"mlsae {args.command}: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -36,11 +36,23 @@ class DataConfig:
     """Where text comes from and how it becomes token sequences (SPEC §2)."""
 
     dataset: str = "pydoc"
-    """`pydoc` (CPython's pydoc_data reference prose, offline), a .txt/.jsonl/.parquet file
-    or a folder of them, or a `datasets` hub id (streamed)."""
+    """`pydoc` (CPython's pydoc_data reference prose, offline), `python` (pydoc plus every
+    docstring of the standard library), `python-source` (the standard library's .py files),
+    a .txt/.jsonl/.parquet file or a folder of them (streamed; a .txt file is one document),
+    or a `datasets` hub id (streamed)."""
 
     split: str = "train"
     """Split of a hub dataset."""
+
+    dataset_config: str | None = None
+    """Configuration (subset) of a hub dataset, e.g. `wikitext-103-raw-v1`, `en`."""
+
+    data_files: str | None = None
+    """Files of a hub dataset to read (comma-separated paths or globs inside the repo)."""
+
+    shuffle_buffer: int | None = 1024
+    """Train sequences per shuffle block: each consecutive block is permuted with a
+    generator seeded by (seed, epoch, block); 0 keeps the stream order."""
 
     text_column: str = "text"
     """Column holding the text in .jsonl/.parquet files and hub datasets."""
@@ -60,6 +72,22 @@ class DataConfig:
 
     exclude_special: bool = True
     """Exclude positions holding special tokens (BOS/EOS/PAD)."""
+
+    prepend_bos: bool | None = None
+    """Start every packed sequence with BOS (then ctx_len - 1 tokens of text); default: the
+    model family's convention (whether its tokenizer adds BOS, e.g. Gemma), recorded."""
+
+    exclude_outliers: float = 0.0
+    """Also exclude tokens whose residual norm exceeds FACTOR x the layer's median norm
+    (over the batch's included tokens) at any trained layer; 0 turns it off."""
+
+    python_version: str | None = None
+    """Python version whose text `pydoc`/`python`/`python-source` was (set by training)."""
+
+    # Values a config written before a field existed gets (its old behaviour), and fields
+    # that are recorded but are not command-line flags.
+    LEGACY_DEFAULTS = {"shuffle_buffer": None, "prepend_bos": False}
+    NOT_FLAGS = ("python_version",)
 
 
 @dataclass
@@ -140,6 +168,13 @@ class TrainConfig:
     threads: int | None = None
     """CPU threads for torch (default: torch's own choice)."""
 
+    revision: str | None = None
+    """Revision (branch, tag or commit) of a hub model, e.g. Pythia's `step3000`."""
+
+    blocks: str | None = None
+    """Dotted path of the decoder blocks' ModuleList (e.g. `model.layers`); default: found
+    from the known paths, then by a search that refuses ambiguity."""
+
 
 @dataclass
 class RunConfig:
@@ -200,4 +235,5 @@ def to_dict(obj) -> dict:
 
 def from_dict(cls, d: dict):
     names = {f.name for f in fields(cls)}
+    d = {**getattr(cls, "LEGACY_DEFAULTS", {}), **d}
     return cls(**{k: v for k, v in d.items() if k in names})

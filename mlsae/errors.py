@@ -15,6 +15,10 @@ class TrainingDiverged(RuntimeError):
     """Activations or loss became non-finite; the last good checkpoint is kept."""
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written (full disk, permissions); the previous one is kept."""
+
+
 def first_line(e: BaseException | str) -> str:
     """The first line of an exception's message (its type name if it has none), or of a
     text, for wrapping a library's multi-line error into one line for the user."""

@@ -2,8 +2,10 @@
 Uses errors only.
 
 resid_post of layer l is the output of decoder block l (SPEC §2): not the embeddings, and not
-the final-normed slot of `output_hidden_states`. Blocks are found generically as the
-`nn.ModuleList` whose length is the config's number of hidden layers.
+the final-normed slot of `output_hidden_states`. Blocks are found at the known module paths
+first (`KNOWN_BLOCK_PATHS`), then as the one `nn.ModuleList` whose length is the config's
+number of hidden layers (two such lists, as in multimodal wrappers, is an error); `--blocks`
+names the path outright.
 """
 
 from __future__ import annotations
@@ -210,39 +212,131 @@ def _text_config(config):
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
-def find_blocks(model: nn.Module) -> nn.ModuleList:
-    """The decoder blocks: the ModuleList as long as the config's number of hidden layers."""
+# Where the decoder blocks live in the common Hugging Face families, tried in this order.
+KNOWN_BLOCK_PATHS = (
+    "model.layers",  # Llama, Mistral, Qwen2/3, Gemma 1-3, Phi-3, OLMo, SmolLM
+    "model.language_model.layers",  # Gemma 3 / Llava-style multimodal wrappers
+    "language_model.model.layers",
+    "transformer.h",  # GPT-2, GPT-J, GPT-Neo, Bloom, Falcon, Qwen 1
+    "gpt_neox.layers",  # Pythia / GPT-NeoX
+    "model.decoder.layers",  # OPT
+    "transformer.blocks",  # MPT
+    "model.transformer.blocks",
+    "transformer.layers",
+)
+
+
+def _module_at(model: nn.Module, path: str):
+    m = model
+    for part in path.split("."):
+        if not hasattr(m, part):
+            return None
+        m = getattr(m, part)
+    return m
+
+
+def find_blocks(model: nn.Module, path: str | None = None) -> nn.ModuleList:
+    """The decoder blocks: `path` if given, else the first known path holding a ModuleList as
+    long as the config's number of hidden layers, else the one such ModuleList anywhere."""
     n = _text_config(model.config).num_hidden_layers
-    candidates = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) == n]
-    if not candidates:
-        raise UserError(f"cannot find {n} decoder blocks in {type(model).__name__}")
-    return candidates[0]
+    if path:
+        m = _module_at(model, path)
+        if not isinstance(m, nn.ModuleList):
+            raise UserError(f"--blocks {path!r}: {type(model).__name__} has no ModuleList "
+                            "there")
+        return m
+    for known in KNOWN_BLOCK_PATHS:
+        m = _module_at(model, known)
+        if isinstance(m, nn.ModuleList) and len(m) == n:
+            return m
+    found = [(name, m) for name, m in model.named_modules()
+             if isinstance(m, nn.ModuleList) and len(m) == n]
+    if not found:
+        raise UserError(f"cannot find {n} decoder blocks in {type(model).__name__}; "
+                        "name them with --blocks PATH")
+    if len(found) > 1:
+        names = ", ".join(name for name, _ in found)
+        raise UserError(f"{type(model).__name__} has several stacks of {n} blocks ({names}); "
+                        "choose one with --blocks PATH")
+    return found[0][1]
 
 
-def wrap_model(model: nn.Module, tokenizer, name: str) -> LanguageModel:
+def max_positions(config) -> int | None:
+    """A model config's position limit (`max_position_embeddings` / `n_positions`), if any."""
+    cfg = _text_config(config)
+    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length", "n_ctx"):
+        v = getattr(cfg, attr, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+def check_ctx_len(config, ctx_len: int, name: str) -> None:
+    """One line if `ctx_len` exceeds the position limit of a model's config."""
+    limit = max_positions(config)
+    if limit is not None and ctx_len > limit:
+        raise UserError(f"--ctx-len {ctx_len} exceeds the {limit} positions of model "
+                        f"{name!r}")
+
+
+def wrap_model(model: nn.Module, tokenizer, name: str, blocks: str | None = None
+               ) -> LanguageModel:
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    return LanguageModel(model=model, tokenizer=tokenizer, name=name, blocks=find_blocks(model))
+    return LanguageModel(model=model, tokenizer=tokenizer, name=name,
+                         blocks=find_blocks(model, blocks))
 
 
-def peek_shape(name: str) -> tuple[int, int]:
-    """(n_layers, d_model) of `name` from its config alone, to check flags before the
-    weights load."""
+def _load_error(name: str, revision: str | None, e: Exception) -> UserError:
+    rev = f" revision {revision!r}" if revision else ""
+    return UserError(f"cannot load model {name!r}{rev}: {first_line(e)}")
+
+
+def _kwargs(extra: dict, revision: str | None) -> dict:
+    kw = dict(extra, trust_remote_code=False)
+    if revision:
+        kw["revision"] = revision
+    return kw
+
+
+def peek_config(name: str, revision: str | None = None):
+    """The text config of `name` alone, to check flags before the weights load."""
     from transformers import AutoConfig
     from transformers.utils import logging as hf_logging
 
     where, extra = _locate(name)
     hf_logging.set_verbosity_error()
     try:
-        cfg = _text_config(AutoConfig.from_pretrained(where, trust_remote_code=False, **extra))
+        return _text_config(AutoConfig.from_pretrained(where, **_kwargs(extra, revision)))
     except (OSError, ValueError, KeyError) as e:
-        raise UserError(f"cannot load model {name!r}: {first_line(e)}") from None
+        raise _load_error(name, revision, e) from None
+
+
+def peek_shape(name: str, revision: str | None = None) -> tuple[int, int]:
+    """(n_layers, d_model) of `name` from its config alone, to check flags before the
+    weights load."""
+    cfg = peek_config(name, revision)
     return int(cfg.num_hidden_layers), int(cfg.hidden_size)
 
 
-def load_lm(name: str, device: str = "auto", dtype: str = "float32") -> LanguageModel:
-    """Load `name` (built-in short name, hub id, folder, or .gguf file) for inference.
+def load_tokenizer(name: str, revision: str | None = None):
+    """The tokenizer of `name` alone (to re-create a run's packing without its weights)."""
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    where, extra = _locate(name)
+    hf_logging.set_verbosity_error()
+    try:
+        return AutoTokenizer.from_pretrained(where, **_kwargs(extra, revision))
+    except (OSError, ValueError, KeyError) as e:
+        raise _load_error(name, revision, e) from None
+
+
+def load_lm(name: str, device: str = "auto", dtype: str = "float32",
+            revision: str | None = None, blocks: str | None = None) -> LanguageModel:
+    """Load `name` (built-in short name, hub id, folder, or .gguf file) for inference;
+    `revision`: a hub branch, tag or commit; `blocks`: the decoder blocks' module path.
 
     Weights load only from safetensors or GGUF; remote code is never trusted.
     """
@@ -254,12 +348,12 @@ def load_lm(name: str, device: str = "auto", dtype: str = "float32") -> Language
     dev = resolve_device(device)
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()  # keep stderr for our own progress bar and errors
-    kw = dict(extra, trust_remote_code=False)
+    kw = _kwargs(extra, revision)
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, **kw)
         if "gguf_file" not in kw:
             kw["use_safetensors"] = True
         model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype, **kw)
     except (OSError, ValueError, KeyError) as e:
-        raise UserError(f"cannot load model {name!r}: {first_line(e)}") from None
-    return wrap_model(model.to(dev), tokenizer, name)
+        raise _load_error(name, revision, e) from None
+    return wrap_model(model.to(dev), tokenizer, name, blocks)

@@ -48,7 +48,7 @@ def add_dataclass_options(parser: argparse.ArgumentParser, cls, skip: tuple[str,
     """One --flag per field; defaults are SUPPRESSed so we know which flags were given."""
     group = parser.add_argument_group(cls.__name__, (cls.__doc__ or "").strip())
     for f in fields(cls):
-        if f.name in skip:
+        if f.name in skip or f.name in getattr(cls, "NOT_FLAGS", ()):
             continue
         kind, is_bool = _field_type(f)
         doc = " ".join((get_attribute_docstring(cls, f.name).docstring_below or "").split())

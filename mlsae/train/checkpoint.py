@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from mlsae.errors import UserError
+from mlsae.errors import CheckpointError, UserError, first_line
 from mlsae.sae import MLSAE
 
 CHECKPOINT = "checkpoint"
@@ -51,29 +51,52 @@ def optimizer_tensors(sae: MLSAE, opt: torch.optim.Optimizer) -> dict[str, torch
 
 def save_checkpoint(run_dir: Path, sae: MLSAE, opt: torch.optim.Optimizer,
                     tensors: dict[str, torch.Tensor], state: dict) -> Path:
-    """Write `<run_dir>/checkpoint/` atomically, then link the run folder's model files to it."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".checkpoint.", dir=run_dir))
+    """Write `<run_dir>/checkpoint/` atomically, then link the run folder's model files to it.
+
+    state.json is written last, so a temporary folder holding it is complete. A failed write
+    (full disk, permissions) raises CheckpointError with one line; the previous checkpoint
+    is untouched."""
     ckpt = run_dir / CHECKPOINT
+    tmp = None
     try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".checkpoint.", dir=run_dir))
         sae.write_files(tmp)
         save_file(optimizer_tensors(sae, opt), str(tmp / "optimizer.safetensors"))
         save_file(tensors, str(tmp / "state.safetensors"))
         (tmp / "state.json").write_text(json.dumps(state, indent=2) + "\n")
         replace_dir(tmp, ckpt)
+        link_model_files(ckpt, run_dir)
+    except OSError as e:
+        raise CheckpointError(f"cannot write a checkpoint in {str(run_dir)!r} "
+                              f"({first_line(e)}); the previous checkpoint is kept") from None
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    link_model_files(ckpt, run_dir)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
     return ckpt
 
 
+def find_checkpoint(run_dir: Path) -> Path | None:
+    """`<run_dir>/checkpoint`, or None if the folder holds no run. A kill between the two
+    renames of a swap leaves no checkpoint/ but the previous one as `.checkpoint.old`: that
+    one is moved back and used."""
+    ckpt = run_dir / CHECKPOINT
+    old = run_dir / f".{CHECKPOINT}.old"
+    if not ckpt.exists() and (old / "state.json").is_file():
+        os.replace(old, ckpt)
+    return ckpt if (ckpt / "state.json").is_file() else None
+
+
 def link_model_files(ckpt: Path, run_dir: Path) -> None:
-    """Point `<run_dir>/config.json` and `model.safetensors` at the checkpoint's (hard links,
-    each swapped in with a rename)."""
+    """Point `<run_dir>/config.json` and `model.safetensors` at the checkpoint's: hard links
+    (copies where the file system has none), each swapped in with a rename."""
     for name in MODEL_FILES:
         link = run_dir / f".{name}.tmp"
         link.unlink(missing_ok=True)
-        os.link(ckpt / name, link)
+        try:
+            os.link(ckpt / name, link)
+        except OSError:  # no hard links here (some network and FUSE file systems)
+            shutil.copyfile(ckpt / name, link)
         os.replace(link, run_dir / name)
 
 

@@ -35,9 +35,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     result = train(cfg, resume=resume, given=given, sweep=getattr(args, "sweep", None))
     run_dir = result["run_dir"]
     if not result["finished"]:
-        print(f"interrupted: checkpoint saved; continue with: mlsae train --resume {run_dir}",
-              file=sys.stderr)
-        return 130
+        print(f"interrupted ({result['stopped_by']}): checkpoint saved; continue with: "
+              f"mlsae train --resume {run_dir}", file=sys.stderr)
+        return 143 if result["stopped_by"] == "SIGTERM" else 130
     for folder, summary in zip(result["runs"], result["summaries"]):
         print(f"run folder: {folder}")
         if summary is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -30,15 +31,28 @@ class Dist:
         return self.rank == 0
 
 
-def init_from_env(device: torch.device) -> Dist:
-    """Join the process group torchrun describes (WORLD_SIZE > 1), else a single process."""
+def timeout() -> timedelta:
+    """Collective timeout: $MLSAE_DIST_TIMEOUT seconds, default 2 hours. Ranks wait in a
+    barrier while rank 0 writes the held-out summary; torch's default (10-30 min) could
+    abort them on a long evaluation."""
+    return timedelta(seconds=float(os.environ.get("MLSAE_DIST_TIMEOUT", 7200)))
+
+
+def init_from_env(device: torch.device) -> tuple[Dist, torch.device]:
+    """Join the process group torchrun describes (WORLD_SIZE > 1), else a single process.
+    Returns this rank's Dist and device: on CUDA one GPU per rank, `cuda:$LOCAL_RANK`, made
+    current BEFORE the process group starts (NCCL binds to the current device)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        return Dist()
+        return Dist(), device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                timeout=timeout())
         _owned["group"] = True
-    return Dist(rank=dist.get_rank(), world=dist.get_world_size())
+    return Dist(rank=dist.get_rank(), world=dist.get_world_size()), device
 
 
 _owned = {"group": False}

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
+from torch.distributed import ReduceOp
 from tqdm.auto import tqdm
 
 from mlsae.activations import batch_activations, check_finite
@@ -25,30 +26,59 @@ from mlsae.data import TokenSource, batches, include_mask
 from mlsae.errors import UserError
 from mlsae.lm import LanguageModel
 from mlsae.metrics import ReconstructionStats
-from mlsae.train.distributed import Dist
+from mlsae.train.distributed import Dist, all_reduce_
 from mlsae.train.trainer import Trainer
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C; preemption (SLURM, k8s, torchrun)
 
 
 class StopFlag:
-    """Ctrl-C sets the flag; the loop saves between steps. A second Ctrl-C aborts."""
+    """Ctrl-C or SIGTERM sets the flag; the loop saves between steps. A second one aborts."""
 
     def __init__(self):
-        self.set = False
+        self.signal: int | None = None
 
-    def __call__(self, _sig, _frame) -> None:
+    @property
+    def set(self) -> bool:
+        return self.signal is not None
+
+    def __call__(self, sig, _frame) -> None:
         if self.set:
             raise KeyboardInterrupt
-        self.set = True
-        tqdm.write("Ctrl-C: finishing this step, saving a checkpoint (Ctrl-C again to abort)")
+        self.signal = sig
+        name = "Ctrl-C" if sig == signal.SIGINT else signal.Signals(sig).name
+        tqdm.write(f"{name}: finishing this step, saving a checkpoint (again to abort)")
+
+    def install(self) -> dict:
+        """Handle STOP_SIGNALS (main thread only); returns the previous handlers."""
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        return {s: signal.signal(s, self) for s in STOP_SIGNALS}
+
+
+def agree_to_stop(stop: StopFlag, d_: Dist, device: torch.device) -> bool:
+    """True on every rank if a stop signal reached ANY rank: one all-reduced flag per step, so
+    all ranks leave the loop after the same step (a signal to one rank used to hang the job
+    with the ranks waiting in different collectives)."""
+    if not d_.enabled:
+        return stop.set
+    flag = torch.tensor([stop.signal or 0], device=device)
+    all_reduce_(flag, d_, op=ReduceOp.MAX)
+    if flag.item() and not stop.set:
+        stop.signal = int(flag.item())
+    return bool(flag.item())
 
 
 def lm_stream(lm: LanguageModel, source: TokenSource, cfg: RunConfig, layers: list[int],
-              start: int, device: torch.device, d_: Dist) -> Iterator[tuple[Tensor, int]]:
+              start: int, device: torch.device, d_: Dist, index=None
+              ) -> Iterator[tuple[Tensor, int]]:
     """(x [layer, token, d_model] of this rank's sequences, sequences in the global batch).
 
-    The first batch is read and checked eagerly, so an empty or all-excluded dataset fails
-    before any run folder is written."""
-    it = batches(source.train_sequences(start=start), cfg.train.batch_size)
+    `index`: the run's data_index.jsonl (resume points; written by rank 0 only). The first
+    batch is read and checked eagerly, so an empty or all-excluded dataset fails before any
+    run folder is written."""
+    it = batches(source.train_sequences(start=start, index=index, record=d_.is_main),
+                 cfg.train.batch_size)
     first = next(it)
     if start == 0 and not include_mask(first, lm.special_ids, cfg.data).any():
         raise UserError(f"--dataset {cfg.data.dataset!r}: every position of the first "
@@ -63,9 +93,11 @@ def lm_stream(lm: LanguageModel, source: TokenSource, cfg: RunConfig, layers: li
 
 
 def fit(trainers: list[Trainer], stream: Iterator[tuple[Tensor, int]],
-        on_step: Callable[[Trainer], None] | None = None, progress: bool = True) -> bool:
+        on_step: Callable[[Trainer], None] | None = None, progress: bool = True,
+        stop: StopFlag | None = None) -> bool:
     """Train every trainer on the same activations (one LM forward per batch) to its token
-    budget. Returns False if stopped early by Ctrl-C (checkpoints saved), True when done."""
+    budget. Returns False if stopped early by Ctrl-C or SIGTERM (`stop.signal` says which;
+    checkpoints saved, every rank at the same step), True when done."""
     lead = trainers[0]
     cfg, d_ = lead.cfg, lead.dist
     for tr in trainers:
@@ -74,12 +106,12 @@ def fit(trainers: list[Trainer], stream: Iterator[tuple[Tensor, int]],
     bar = tqdm(total=lead.total_steps * lead.tokens_per_step, initial=lead.step *
                lead.tokens_per_step, unit="tok", unit_scale=True,
                disable=not progress or not d_.is_main, desc="train", dynamic_ncols=True)
-    stop = StopFlag()
-    in_main = threading.current_thread() is threading.main_thread()
-    prev = signal.signal(signal.SIGINT, stop) if in_main else None
+    stop = stop or StopFlag()
+    prev = stop.install()
     t0, tok0 = time.perf_counter(), 0
+    stopping = False
     try:
-        while lead.step < lead.total_steps and not stop.set:
+        while lead.step < lead.total_steps and not stopping:
             x, n_seq = next(stream)
             check_finite(x, "activations", lead.step)
             tok0 += n_seq * cfg.data.ctx_len
@@ -96,18 +128,20 @@ def fit(trainers: list[Trainer], stream: Iterator[tuple[Tensor, int]],
                                 dead=f"{m['dead_fraction']:.2f}")
             if on_step is not None:
                 on_step(lead)
-            if lead.step % cfg.train.save_every == 0 and lead.step < lead.total_steps:
+            stopping = agree_to_stop(stop, d_, lead.device)
+            if lead.step % cfg.train.save_every == 0 and lead.step < lead.total_steps \
+                    and not stopping:
                 for tr in trainers:
                     tr.save()
     finally:
         bar.close()
         for tr in trainers:
             tr.close()
-        if prev is not None:
-            signal.signal(signal.SIGINT, prev)
+        for s, handler in prev.items():
+            signal.signal(s, handler)
     for tr in trainers:
         tr.save()
-    return not stop.set
+    return not stopping
 
 
 @torch.no_grad()

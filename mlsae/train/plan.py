@@ -1,21 +1,23 @@
 """Run planning: what a `mlsae train` call trains and where, before anything is loaded.
 
 A new run, a sweep (one child folder per combination) or a resume (flags checked against the
-stored config); the checks that need no model; a run trained from an activation cache takes
-the cache's model, layers and data settings. Uses config, sweep and checkpoint names only.
+stored config); the checks that need no model (and those that need only its config); a run
+trained from an activation cache takes the cache's model, layers, data settings and held-out
+split. Uses config, data, the LM adapter's config checks, sweep and checkpoint names.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
 from mlsae import config as C
 from mlsae.config import RunConfig
+from mlsae.data.sources import BUILTIN_TEXT, python_version
+from mlsae.data.split import resolve_prepend_bos
 from mlsae.errors import UserError
-from mlsae.lm import resolve_dtype
-from mlsae.train.checkpoint import CHECKPOINT
+from mlsae.lm import check_ctx_len, peek_config, resolve_dtype
+from mlsae.train.checkpoint import CHECKPOINT, find_checkpoint
 from mlsae.train.sweep import parse_sweep, sweep_name, with_overrides
 
 # Flags that may differ on --resume: they change how a run is watched, not what it computes.
@@ -48,9 +50,10 @@ def validate(cfg: RunConfig) -> None:
 
 
 def read_run_config(run_dir: Path) -> RunConfig:
-    state_path = run_dir / CHECKPOINT / "state.json"
-    if not state_path.is_file():
+    ckpt = find_checkpoint(run_dir)
+    if ckpt is None:
         raise UserError(f"--resume {str(run_dir)!r}: not a run folder (no checkpoint/state.json)")
+    state_path = ckpt / "state.json"
     try:
         return RunConfig.from_dict(json.loads(state_path.read_text())["config"])
     except (json.JSONDecodeError, KeyError, TypeError) as e:
@@ -97,13 +100,49 @@ def plan_runs(cfg: RunConfig | None, resume, given: dict, sweep: str | None
     return root, plan
 
 
-def adopt_cache_manifest(cfg: RunConfig, manifest: dict) -> None:
-    """A run trained from a cache takes the cache's model, layers and data settings."""
+def adopt_cache_manifest(cfg: RunConfig, manifest: dict, given: dict | None = None) -> None:
+    """A run trained from a cache takes the cache's model, layers and data settings, its
+    held-out split included (`holdout_fraction`, `eval_dataset`): the cache holds only train
+    sequences of that split, so another split could score text the cache trained on. A
+    different value given explicitly (`given`) is refused with one line."""
     layers = ",".join(map(str, manifest["layers"]))
     if cfg.train.layers not in ("all", layers):
         raise UserError(f"--layers {cfg.train.layers!r} disagrees with the activation cache's "
                         f"layers {layers}")
     cfg.train.model, cfg.train.layers = manifest["model"], layers
     cached = C.from_dict(C.DataConfig, manifest["data"])
-    cfg.data = dataclasses.replace(cached, holdout_fraction=cfg.data.holdout_fraction,
-                                   eval_dataset=cfg.data.eval_dataset)
+    for name in ("holdout_fraction", "eval_dataset", "exclude_outliers"):
+        value = (given or {}).get(name, getattr(cached, name))
+        if value != getattr(cached, name):
+            flag = "--" + name.replace("_", "-")
+            raise UserError(f"{flag} {value!r} disagrees with the activation cache's "
+                            f"{getattr(cached, name)!r} (the cache fixes the data and the "
+                            "held-out split)")
+    cfg.data = cached
+
+
+def model_shape(cfg: RunConfig, lm=None) -> tuple[int, int]:
+    """(n_layers, d_model) of the run's model, from its config alone when `lm` is None, after
+    checking --ctx-len against the model's position limit."""
+    config = lm.model.config if lm is not None else peek_config(cfg.train.model,
+                                                                cfg.train.revision)
+    check_ctx_len(config, cfg.data.ctx_len, cfg.train.model)
+    if lm is not None:
+        return lm.n_layers, lm.d_model
+    return int(config.num_hidden_layers), int(config.hidden_size)
+
+
+def settle_data(cfg: RunConfig, tokenizer=None) -> None:
+    """Record what the data depends on beyond the flags: --prepend-bos resolved from the
+    tokenizer's convention, and the Python version of the built-in `pydoc`/`python`/
+    `python-source` text (a resumed run refuses another version: its text differs)."""
+    d = cfg.data
+    if d.prepend_bos is None and tokenizer is not None:
+        d.prepend_bos = resolve_prepend_bos(d, tokenizer)
+    if d.dataset in BUILTIN_TEXT or d.eval_dataset in BUILTIN_TEXT:
+        now = python_version()
+        if d.python_version is None:
+            d.python_version = now
+        elif d.python_version != now:
+            raise UserError(f"--dataset {d.dataset!r} was read from Python "
+                            f"{d.python_version}; this is Python {now}, whose text differs")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from collections.abc import Callable
 
 import torch
@@ -17,11 +18,11 @@ from mlsae.activations.cache import CachedActivations
 from mlsae.config import RunConfig
 from mlsae.data import TokenSource
 from mlsae.errors import UserError
-from mlsae.lm import LanguageModel, load_lm, peek_shape, resolve_device
+from mlsae.lm import LanguageModel, load_lm, resolve_device
 from mlsae.runtime import freed_memory_kept
 from mlsae.train.distributed import barrier, init_from_env
-from mlsae.train.loop import fit, heldout_summaries, lm_stream
-from mlsae.train.plan import adopt_cache_manifest, plan_runs, validate
+from mlsae.train.loop import StopFlag, fit, heldout_summaries, lm_stream
+from mlsae.train.plan import adopt_cache_manifest, model_shape, plan_runs, settle_data, validate
 from mlsae.train.trainer import Trainer
 
 
@@ -31,7 +32,8 @@ def train(cfg: RunConfig | None = None, resume: str | os.PathLike | None = None,
           sweep: str | None = None) -> dict:
     """Train (or resume) a run, or a sweep of runs sharing one LM forward per batch.
 
-    Returns {"run_dir", "runs", "finished", "summary", "summaries", "trainer", "trainers"}.
+    Returns {"run_dir", "runs", "finished", "stopped_by" (None, "SIGINT" or "SIGTERM"),
+    "summary", "summaries", "trainer", "trainers"}.
     `given` are explicitly set options (checked against a resumed run's config); `lm` lets a
     caller pass an already loaded model (tests, benchmarks). While it runs, glibc malloc
     keeps freed memory for reuse (`mlsae.runtime.freed_memory_kept`).
@@ -48,10 +50,7 @@ def _train(cfg, resume, given, lm, on_step, progress, sweep) -> dict:
     if lead.train.threads:
         torch.set_num_threads(lead.train.threads)
     device = resolve_device(lead.train.device)
-    dist_info = init_from_env(device)
-    if dist_info.enabled and device.type == "cuda":  # one GPU per rank
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
+    dist_info, device = init_from_env(device)
     if lead.train.batch_size % dist_info.world:
         raise UserError(f"--batch-size {lead.train.batch_size} is not divisible by the "
                         f"{dist_info.world} ranks")
@@ -60,18 +59,19 @@ def _train(cfg, resume, given, lm, on_step, progress, sweep) -> dict:
         cache = CachedActivations(lead.train.activations, lead.train.cache_shuffle,
                                   lead.train.seed)
         for c, _ in plan:
-            adopt_cache_manifest(c, cache.manifest)
+            adopt_cache_manifest(c, cache.manifest, given)
         n_layers, d_model = cache.manifest["n_lm_layers"], cache.manifest["d_model"]
-    elif lm is None:
-        n_layers, d_model = peek_shape(lead.train.model)  # fail on bad flags before loading
-    else:
-        n_layers, d_model = lm.n_layers, lm.d_model
+    else:  # from the model's config alone: fail on bad flags before loading
+        n_layers, d_model = model_shape(lead, lm)
     layers = C.resolve_layers(lead.train.layers, n_layers)
     for c, _ in plan:
         if c.sae.k > c.sae.expansion_factor * d_model:
             raise UserError(f"--k {c.sae.k} exceeds n_latents {c.sae.expansion_factor * d_model}")
     if lm is None and cache is None:
-        lm = load_lm(lead.train.model, str(device), lead.train.dtype)
+        lm = load_lm(lead.train.model, str(device), lead.train.dtype, lead.train.revision,
+                     lead.train.blocks)
+    for c, _ in plan:
+        settle_data(c, lm.tokenizer if lm is not None else None)
     trainers = [Trainer(c, d_model, layers, folder, device, dist_info) for c, folder in plan]
     if resume is not None:
         for tr in trainers:
@@ -88,12 +88,16 @@ def _train(cfg, resume, given, lm, on_step, progress, sweep) -> dict:
         stream = cache.batches(lead.train.batch_size, start, dist_info.rank, dist_info.world)
     else:
         source = TokenSource(lead.data, lm.tokenizer, lm.eos_id, seed=lead.train.seed)
-        stream = lm_stream(lm, source, lead, layers, start, device, dist_info)
-    finished = fit(trainers, stream, on_step=on_step, progress=progress)
+        stream = lm_stream(lm, source, lead, layers, start, device, dist_info,
+                           index=root / "data_index.jsonl")
+    stop = StopFlag()
+    finished = fit(trainers, stream, on_step=on_step, progress=progress, stop=stop)
     summaries: list[dict | None] = [None] * len(trainers)
-    if finished and lead.train.eval_tokens > 0 and dist_info.is_main:
+    synthetic = cache is not None and "synthetic" in cache.manifest  # no LM: `mlsae synth-score`
+    if finished and lead.train.eval_tokens > 0 and dist_info.is_main and not synthetic:
         if lm is None:  # trained from a cache: the held-out check still needs the LM
-            lm = load_lm(lead.train.model, str(device), lead.train.dtype)
+            lm = load_lm(lead.train.model, str(device), lead.train.dtype, lead.train.revision,
+                         lead.train.blocks)
         source = TokenSource(lead.data, lm.tokenizer, lm.eos_id, seed=lead.train.seed)
         summaries = heldout_summaries(trainers, lm, source, int(lead.train.eval_tokens),
                                       progress=progress)
@@ -102,5 +106,6 @@ def _train(cfg, resume, given, lm, on_step, progress, sweep) -> dict:
                 (tr.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     barrier(dist_info)
     return {"run_dir": root, "runs": [tr.run_dir for tr in trainers], "finished": finished,
+            "stopped_by": None if stop.signal is None else signal.Signals(stop.signal).name,
             "summary": summaries[0], "summaries": summaries, "trainer": trainers[0],
             "trainers": trainers}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -32,6 +33,18 @@ def checkpoint_meta(cfg: C.RunConfig, layers: list[int], lr: float, auxk: int,
             "exclude_special": cfg.data.exclude_special,
             "expansion_factor": cfg.sae.expansion_factor, "lm_dtype": t.dtype,
             "lr": lr, "auxk": auxk, "dead_tokens_effective": dead_tokens, "run": cfg.to_dict()}
+
+
+def truncate_log(path: Path, last_step: int) -> None:
+    """Keep the lines of a metrics.jsonl up to `last_step` (rewritten atomically)."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [ln for ln in lines if ln.strip() and json.loads(ln)["step"] <= last_step]
+    if len(kept) != len(lines):
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
 
 
 class Trainer:
@@ -144,9 +157,13 @@ class Trainer:
                          "rng": self.rng.get_state()}, state)
 
     def load(self, ckpt: Path | None = None) -> None:
+        """Restore from the run's checkpoint; metrics.jsonl loses any line logged after it (a
+        crash after a log line and before the next checkpoint would otherwise repeat steps)."""
         tensors, state = load_checkpoint(ckpt or self.run_dir / CHECKPOINT, self.sae,
                                          self.opt, self.device)
         self.tokens_since_fired = tensors["tokens_since_fired"].clone()
         self.rng.set_state(tensors["rng"])
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self.sequences = state["sequences"]
+        if self.dist.is_main:
+            truncate_log(self.run_dir / "metrics.jsonl", self.step)
