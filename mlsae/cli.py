@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "mlsae.baselines",
     "mlsae.compare",
     "mlsae.export",
+    "mlsae.export",
     "mlsae.analysis.analyze",
     "mlsae.analysis.resid_sim",
     "mlsae.analysis.mmcs",

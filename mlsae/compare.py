@@ -25,6 +25,7 @@ from pathlib import Path
 
 from mlsae.errors import UserError
 from mlsae.evaluate import evaluate
+from mlsae.formats import detect, read
 from mlsae.lm import LanguageModel
 from mlsae.options import TextOptions, add_text_options, text_options
 from mlsae.runs import load_run_lm, load_sae
@@ -34,15 +35,17 @@ COLUMNS = ["layer"] + [f"{who}_{m}" for m in METRICS for who in ("mlsae", "basel
 
 
 def baseline_folders(root: Path) -> dict[int, Path]:
-    """{layer: folder} of the single-layer checkpoints directly under `root`."""
+    """{layer: folder} of the single-layer checkpoints directly under `root`: mlsae's own
+    (`layer_<l>/` from `mlsae baselines`) or SAEs trained elsewhere (a sparsify run folder,
+    a SAELens export), whatever format `mlsae.formats` reads."""
     if not root.is_dir():
         raise UserError(f"baselines folder {str(root)!r}: no such folder")
     found = {}
-    for folder in sorted(p for p in root.iterdir() if (p / "config.json").is_file()):
-        try:
-            layers = json.loads((folder / "config.json").read_text())["layers"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            continue  # not an SAE checkpoint
+    for folder in sorted(p for p in root.iterdir() if detect(p)):
+        try:  # any format mlsae reads: its own, SAELens, sparsify, the seed paper's
+            layers = read(folder, tensors=False).config.get("layers") or []
+        except UserError:
+            continue  # not a readable SAE checkpoint
         if len(layers) == 1:
             found[int(layers[0])] = folder
     if not found:

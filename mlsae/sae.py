@@ -414,6 +414,20 @@ class MLSAE(nn.Module):
         err, resid = _ReconError.apply(code.acts, code.idx, self.W_dec, self.b_dec, xt, weight)
         return TrainOutput(err, resid, code, aux_acts, aux_idx)
 
+    def spliced(self, model, layers: list[int] | None = None, *, error: bool = False,
+                latents: dict[int, float] | list[int] | None = None, **kw):
+        """Context manager: run `model` (an HF causal LM or mlsae's LanguageModel) with
+        resid_post of `layers` (default: the SAE's) replaced by this SAE's reconstruction at
+        the positions training used; `error=True` adds the error term back; `latents`
+        scales ({latent: factor}) or ablates ([latent, ...]) latents. See `mlsae.splice`.
+
+            with sae.spliced(model, layers=[3], latents=[123]):
+                out = model.generate(ids, max_new_tokens=20)
+        """
+        from mlsae.splice import spliced
+
+        return spliced(self, model, layers, error=error, latents=latents, **kw)
+
     # ---- training-time constraints -------------------------------------------------------
     @torch.no_grad()
     def normalize_decoder(self) -> None:
