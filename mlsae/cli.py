@@ -20,7 +20,6 @@ COMMAND_MODULES = (
     "mlsae.baselines",
     "mlsae.compare",
     "mlsae.export",
-    "mlsae.export",
     "mlsae.analysis.analyze",
     "mlsae.analysis.resid_sim",
     "mlsae.analysis.mmcs",

@@ -19,7 +19,7 @@ RANK = {
     "activations": 3, "sae": 3, "formats": 3, "splice": 3,
     "train": 4,
     "runs": 5, "evaluate": 5,
-    "analysis": 6, "baselines": 6, "compare": 6, "synth": 6, "export": 6, "synth": 6,
+    "analysis": 6, "baselines": 6, "compare": 6, "export": 6, "synth": 6,
     "server": 7, "cli": 8, "__main__": 9,
 }
 
