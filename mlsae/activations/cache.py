@@ -54,18 +54,25 @@ def write_cache(model: str, out: str | Path, tokens: int, layers: str = "all",
     shards, acts, lens, n_done = [], [], [], 0
     bar = tqdm(total=n_seq_total * data.ctx_len, unit="tok", unit_scale=True, desc="cache",
                disable=not progress)
-    for ids in batches(seqs, batch_size):
-        x, mask = batch_activations(lm, ids, layer_list, data)
-        acts.append(x.to(store))
-        lens.extend(mask.sum(1).tolist())
-        n_done += len(ids)
-        bar.update(ids.numel())
-        if len(lens) >= shard_sequences:
+    try:
+        for ids in batches(seqs, batch_size):
+            x, mask = batch_activations(lm, ids, layer_list, data)
+            try:
+                check_storable(x, store, layer_list)
+            except UserError:
+                _remove_shards(out, shards)
+                raise
+            acts.append(x.to(store))
+            lens.extend(mask.sum(1).tolist())
+            n_done += len(ids)
+            bar.update(ids.numel())
+            if len(lens) >= shard_sequences:
+                shards.append(_write_shard(out, len(shards), acts, lens))
+                acts, lens = [], []
+        if lens:
             shards.append(_write_shard(out, len(shards), acts, lens))
-            acts, lens = [], []
-    if lens:
-        shards.append(_write_shard(out, len(shards), acts, lens))
-    bar.close()
+    finally:
+        bar.close()  # ends the bar's line, so an error message starts a line of its own
     manifest = {"format_version": 1, "model": model, "layers": layer_list,
                 "d_model": lm.d_model, "n_lm_layers": lm.n_layers, "store_dtype": store_dtype,
                 "sequences": n_done, "tokens": n_done * data.ctx_len,
@@ -75,6 +82,26 @@ def write_cache(model: str, out: str | Path, tokens: int, layers: str = "all",
                 "shards": shards}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return out
+
+
+def check_storable(x: Tensor, store: torch.dtype, layers: list[int]) -> None:
+    """Refuse activations `x [layer, token, d_model]` that `store` cannot hold: float16 tops
+    out at 65504, and the massive activations of Gemma and Llama models exceed it (they would
+    be stored as inf, and training would stop at step 0 far from the cause)."""
+    if not x.isfinite().all():
+        raise UserError("the model produced non-finite activations; nothing was cached")
+    top = torch.finfo(store).max
+    peak = x.abs().amax(dim=(1, 2))  # [layer]
+    if (peak > top).any():
+        i = int(peak.argmax())
+        raise UserError(f"--store-dtype {str(store).removeprefix('torch.')} cannot hold "
+                        f"activation {peak[i].item():.4g} at layer {layers[i]} (largest "
+                        f"{top:.6g}): use --store-dtype bfloat16 or float32; nothing was cached")
+
+
+def _remove_shards(out: Path, shards: list[dict]) -> None:
+    for shard in shards:
+        (out / shard["file"]).unlink(missing_ok=True)
 
 
 def _write_shard(out: Path, i: int, acts: list[Tensor], lens: list[int]) -> dict:
