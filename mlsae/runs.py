@@ -2,7 +2,11 @@
 
 Every command that reads text after training (eval, analyze, examples, ...) uses these so
 that `--dataset/--tokens/--ctx-len` mean the same everywhere and the default is the run's
-own held-out split. Uses data, lm, sae and options; nothing above them.
+own held-out split. That split is defined on the run's own packing (its tokenizer, ctx_len
+and BOS convention): with `--ctx-len` or `--model` overrides the run's held-out sequences
+are re-created first, and the new windows are cut inside runs of consecutive held-out
+sequences (decoded and re-tokenized for another tokenizer), so no override ever scores
+trained-on text. Uses data, lm, sae and options; nothing above them.
 """
 
 from __future__ import annotations
@@ -10,22 +14,31 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+import torch
 from torch import Tensor
 
 from mlsae.config import DataConfig, from_dict
 from mlsae.data import TokenSource, batches
+from mlsae.data.split import adds_bos
 from mlsae.errors import UserError
-from mlsae.lm import LanguageModel, load_lm
+from mlsae.lm import LanguageModel, check_ctx_len, load_lm, load_tokenizer
 from mlsae.options import TextOptions
 from mlsae.sae import MLSAE
 
 
+def own_data_config(sae: MLSAE) -> DataConfig:
+    """The DataConfig the run was trained with (old checkpoints: their recorded fields)."""
+    run = sae.config.get("run", {})
+    if "data" in run:
+        return from_dict(DataConfig, run["data"])
+    return from_dict(DataConfig, {"exclude_first": int(sae.config.get("exclude_first", 1)),
+                                  "exclude_special": bool(sae.config.get("exclude_special",
+                                                                         True))})
+
+
 def run_data_config(sae: MLSAE, opts: TextOptions) -> DataConfig:
     """The run's DataConfig with overrides; a given --dataset becomes the eval dataset."""
-    run = sae.config.get("run", {})
-    cfg = from_dict(DataConfig, run["data"]) if "data" in run else DataConfig(
-        exclude_first=int(sae.config.get("exclude_first", 1)),
-        exclude_special=bool(sae.config.get("exclude_special", True)))
+    cfg = own_data_config(sae)
     over = {k: getattr(opts, k) for k in ("split", "text_column", "ctx_len")
             if getattr(opts, k) is not None}
     cfg = replace(cfg, **over)
@@ -46,7 +59,10 @@ def load_run_lm(sae: MLSAE, opts: TextOptions) -> LanguageModel:
     name = opts.model or sae.config.get("model")
     if not name:
         raise UserError("the checkpoint names no model: pass --model")
-    lm = load_lm(name, opts.device, opts.dtype)
+    train = sae.config.get("run", {}).get("train", {})
+    own = opts.model is None or opts.model == sae.config.get("model")
+    lm = load_lm(name, opts.device, opts.dtype, train.get("revision") if own else None,
+                 train.get("blocks") if own else None)
     check_lm_matches(sae, lm)
     return lm
 
@@ -74,9 +90,70 @@ def eval_batches(sae: MLSAE, lm: LanguageModel, opts: TextOptions,
 
     Fewer tokens than asked is not an error: the caller reports what was used."""
     cfg = run_data_config(sae, opts)
-    source = TokenSource(cfg, lm.tokenizer, lm.eos_id, seed=seed)
-    seqs = source.eval_sequences(opts.tokens)
+    check_ctx_len(lm.model.config, cfg.ctx_len, lm.name)
+    own = own_data_config(sae)
+    other_model = opts.model is not None and opts.model != sae.config.get("model")
+    if opts.dataset is None and own.eval_dataset is None and (
+            cfg.ctx_len != own.ctx_len or other_model):
+        seqs = heldout_windows(sae, own, cfg, lm, opts.tokens, other_model, seed)
+    else:
+        seqs = TokenSource(cfg, lm.tokenizer, lm.eos_id, seed=seed).eval_sequences(opts.tokens)
     if len(seqs) == 0:
         raise UserError(f"no evaluation text: {cfg.eval_dataset or cfg.dataset!r} gives no "
                         f"sequence of {cfg.ctx_len} tokens")
     return cfg, list(batches(iter(seqs), opts.batch_size)), int(seqs.numel())
+
+
+def heldout_windows(sae: MLSAE, own: DataConfig, cfg: DataConfig, lm: LanguageModel,
+                    max_tokens: int, other_model: bool, seed: int = 0) -> Tensor:
+    """`[n, cfg.ctx_len]` windows cut inside the run's own held-out text.
+
+    The run's packing (its tokenizer, own.ctx_len, BOS) is re-created and its maximal runs of
+    consecutive held-out sequences taken in order; for another model each run is split at
+    EOS, decoded with the run's tokenizer and re-tokenized (EOS kept between documents).
+    Windows never cross a run's ends, so every window is held-out text. A --ctx-len longer
+    than the run's finds windows only where held-out sequences happen to be adjacent."""
+    if other_model:
+        train = sae.config.get("run", {}).get("train", {})
+        run_tok = load_tokenizer(sae.config["model"], train.get("revision"))
+        run_eos = getattr(run_tok, "eos_token_id", None)
+        if run_eos is None:
+            raise UserError(f"the run's tokenizer ({sae.config['model']!r}) has no EOS token")
+        prepend = adds_bos(lm.tokenizer)
+    else:
+        run_tok, run_eos, prepend = lm.tokenizer, lm.eos_id, bool(cfg.prepend_bos)
+    source = TokenSource(own, run_tok, run_eos, seed=seed)
+    bos = lm.tokenizer.bos_token_id if prepend else None
+    if prepend and bos is None:
+        raise UserError("--prepend-bos: the tokenizer has no BOS token")
+    body = cfg.ctx_len - (1 if bos is not None else 0)
+    n_max = max(1, int(max_tokens) // cfg.ctx_len)
+    out: list[Tensor] = []
+    for run in source.heldout_runs():
+        if source.bos_id is not None:  # drop the run's own BOS at each sequence start
+            run = run.view(-1, own.ctx_len)[:, 1:].reshape(-1)
+        ids = run.tolist()
+        if other_model:
+            ids = _retokenize(ids, run_tok, run_eos, lm.tokenizer, lm.eos_id)
+        for k in range(0, len(ids) - body + 1, body):
+            window = ids[k:k + body]
+            out.append(torch.tensor(([bos] if bos is not None else []) + window))
+            if len(out) == n_max:
+                return torch.stack(out)
+    return torch.stack(out) if out else torch.empty(0, cfg.ctx_len, dtype=torch.long)
+
+
+def _retokenize(ids: list[int], src_tok, src_eos: int, dst_tok, dst_eos: int) -> list[int]:
+    out: list[int] = []
+    seg: list[int] = []
+    for t in ids + [None]:
+        if t is None or t == src_eos:
+            if seg:
+                text = src_tok.decode(seg)
+                out.extend(dst_tok(text, add_special_tokens=False)["input_ids"])
+            if t is not None:
+                out.append(dst_eos)
+            seg = []
+        else:
+            seg.append(t)
+    return out
