@@ -43,8 +43,9 @@ def _special_ids(model: nn.Module, tokenizer=None) -> list[int]:
 
 
 class _Positions:
-    """The include mask of the current forward call, from its input_ids, attention_mask and
-    cache position (set by a pre-hook on the model, read by the block hooks)."""
+    """The include mask of the current forward call, from its input_ids and its positions
+    (position_ids, else the attention mask, else the cache length), set by a pre-hook on the
+    model and read by the block hooks."""
 
     def __init__(self, special: list[int], exclude_first: int, exclude_special: bool):
         self.special = torch.tensor(special, dtype=torch.long)
@@ -64,12 +65,15 @@ class _Positions:
         batch, t = shape
         device = ids.device if ids is not None else kwargs["inputs_embeds"].device
         attn = kwargs.get("attention_mask")
-        if isinstance(attn, Tensor) and attn.dim() == 2 and attn.shape[1] >= t:
+        given = kwargs.get("position_ids")
+        if isinstance(given, Tensor) and given.dim() == 2 and given.shape[1] == t:
+            pos = given.to(device).expand(batch, t)  # generate() passes these, cache or not
+        elif isinstance(attn, Tensor) and attn.dim() == 2 and attn.shape[1] >= t:
             pos = (attn.long().cumsum(-1) - 1)[:, -t:]
         else:
             start = 0
             cache_pos = kwargs.get("cache_position")
-            past = kwargs.get("past_key_values")
+            past = kwargs.get("past_key_values", kwargs.get("cache"))
             if isinstance(cache_pos, Tensor) and cache_pos.numel():
                 start = int(cache_pos.reshape(-1)[0])
             elif past is not None and hasattr(past, "get_seq_length"):
