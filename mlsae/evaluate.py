@@ -38,6 +38,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mlsae import config as C
+from mlsae.activations.capture import exclude_outliers, outlier_tally
 from mlsae.config import DataConfig
 from mlsae.data import include_mask
 from mlsae.errors import UserError
@@ -134,6 +135,7 @@ def layer_means(lm: LanguageModel, layers: list[int], batches: Iterable[Tensor],
     for ids in batches:
         mask = include_mask(ids, lm.special_ids, data_cfg)
         resid = lm.resid_post(ids, layers)  # [layer, batch, seq, d_model]
+        mask = exclude_outliers(resid, mask, data_cfg)
         total += resid[:, mask.to(resid.device)].double().sum(dim=1).cpu()
         n += int(mask.sum())
     return (total / max(n, 1)).float()
@@ -159,6 +161,7 @@ def evaluate_batches(sae: MLSAE, lm: LanguageModel, layers: list[int],
         if not mask.any():
             continue
         resid = lm.resid_post(ids, layers)  # [layer, batch, seq, d_model]
+        mask = exclude_outliers(resid, mask, data_cfg)  # --exclude-outliers, as in training
         x = resid[:, mask].float()  # [layer, token, d_model]
         x_hat, acts, idx = reconstruct(sae, x)
         rec.update(x, x_hat, acts, idx)
@@ -226,7 +229,8 @@ def evaluate(checkpoint: str | Path, opts: TextOptions, out: str | Path | None =
         values = layer_means(lm, chosen, batch_list, data_cfg).to(lm.device)
     else:
         values = torch.zeros(len(chosen), lm.d_model, device=lm.device)
-    rec, ce = evaluate_batches(sae, lm, chosen, batch_list, data_cfg, values, progress)
+    with outlier_tally() as tally:
+        rec, ce = evaluate_batches(sae, lm, chosen, batch_list, data_cfg, values, progress)
     if rec.n == 0:
         raise UserError("every position of the evaluation text is excluded (special tokens "
                         "/ exclude_first)")
@@ -245,6 +249,7 @@ def evaluate(checkpoint: str | Path, opts: TextOptions, out: str | Path | None =
     if note:
         result["note"] = note
         print(f"note: {note}", file=sys.stderr)
+    result["outliers"] = tally.result(chosen)
     result["seconds"] = round(time.perf_counter() - t0, 2)
     path = Path(out) if out is not None else default_out(checkpoint)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -256,6 +261,17 @@ def evaluate(checkpoint: str | Path, opts: TextOptions, out: str | Path | None =
 # ---- CLI ---------------------------------------------------------------------------------
 def _fmt(v: float | None, spec: str) -> str:
     return "-" if v is None else format(v, spec)
+
+
+def outlier_line(o: dict) -> str:
+    """One line: the per-layer outlier counts (and what --exclude-outliers removed)."""
+    counts = " ".join(f"{layer}:{c}" for layer, c in zip(o["layers"], o["per_layer"]) if c)
+    line = (f"outliers (norm > {o['factor_reported']:g}x layer median) among "
+            f"{o['included_tokens']} included tokens: {counts or 'none'}")
+    if o.get("exclude_outliers"):
+        line += (f"; --exclude-outliers {o['exclude_outliers']:g} removed "
+                 f"{o['excluded_tokens']} tokens")
+    return line
 
 
 def format_eval_table(res: dict) -> str:
@@ -271,6 +287,8 @@ def format_eval_table(res: dict) -> str:
                      f"{_fmt(v['alive'], 'd'):>6} {v['ce_clean']:>8.4f} {v['ce_recon']:>8.4f} "
                      f"{v['ce_zero']:>8.4f} {v['dce']:>7.4f} {_fmt(v['ce_recovered'], '.3f'):>6} "
                      f"{v['kl']:>7.4f}")
+    if "outliers" in res:
+        lines.append(outlier_line(res["outliers"]))
     return "\n".join(lines)
 
 

@@ -44,6 +44,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from mlsae.activations.capture import outlier_tally
 from mlsae.analysis.codes import RunCodes, analysis_dir, open_run, token_strings
 from mlsae.analysis.dynamics import LayerDynamics
 from mlsae.analysis.layer_dist import (
@@ -56,7 +57,7 @@ from mlsae.analysis.layer_dist import (
 )
 from mlsae.analysis.token_variance import PerTokenLayerVariance
 from mlsae.errors import UserError
-from mlsae.evaluate import shortfall_note
+from mlsae.evaluate import outlier_line, shortfall_note
 from mlsae.lm import LanguageModel
 from mlsae.options import TextOptions, add_text_options, text_options
 
@@ -325,13 +326,14 @@ def analyze_prompt(codes: RunCodes, text: str, root: Path) -> dict:
 def analyze_dataset(codes: RunCodes, out: Path, progress: bool, t0: float) -> dict:
     """Stream the run's held-out (or --dataset) text once; write and return its summary."""
     batch_list, tokens = codes.text()
-    dist, ptv, dyn = collect(codes, batch_list, progress)
+    with outlier_tally() as tally:
+        dist, ptv, dyn = collect(codes, batch_list, progress)
     if dist.n_tokens == 0:
         raise UserError("every position of the text is excluded (special tokens / "
                         "exclude_first)")
     cfg, opts = codes.data_cfg, codes.opts
     extra = {"tokens": tokens, "dataset": cfg.eval_dataset or f"{cfg.dataset} (held-out split)",
-             "ctx_len": cfg.ctx_len,
+             "ctx_len": cfg.ctx_len, "outliers": tally.result(codes.layers),
              "options": {k: v for k, v in asdict(opts).items() if k != "device"}}
     note = shortfall_note(opts, cfg.ctx_len, tokens)
     if note:
@@ -377,6 +379,7 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     if res["summary"] is not None:
         print(f"dataset ({res['summary']['tokens']} tokens):")
         print(format_summary(res["summary"]))
+        print("  " + outlier_line(res["summary"]["outliers"]))
     for p in res["prompts"]:
         print(f"prompt {p['text']!r} -> {p['out']}")
         print(format_summary(p["summary"]))
