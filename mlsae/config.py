@@ -136,9 +136,10 @@ class TrainConfig:
     device: str = "auto"
     """`auto` (cuda, then mps, then cpu), or a torch device string."""
 
-    dtype: str = "float32"
-    """Dtype of the language model (`float32`, `bfloat16`, `float16`); the SAE trains in
-    float32."""
+    dtype: str = "auto"
+    """Dtype of the language model: `auto` (bfloat16 on CUDA devices that compute it
+    natively, float32 on CPU and MPS; the resolved dtype is recorded in the run's config),
+    `float32`, `bfloat16` or `float16`. The SAE trains in float32."""
 
     out: str | None = None
     """Run folder; default runs/<model>-x<expansion_factor>-k<k>."""
@@ -174,6 +175,12 @@ class TrainConfig:
     blocks: str | None = None
     """Dotted path of the decoder blocks' ModuleList (e.g. `model.layers`); default: found
     from the known paths, then by a search that refuses ambiguity."""
+
+    lens: str | None = None
+    """Tuned lens (`mlsae lens train` folder, a tuned-lens package folder, or hub:<model>):
+    the SAE encodes each layer's translated vectors h + h W_l^T + b_l and its reconstruction
+    is mapped back with the exact inverse; held-out metrics stay in the original space (the
+    training loss and metrics.jsonl are in the translated space). Copied into RUN/lens/."""
 
 
 @dataclass

@@ -8,6 +8,9 @@ import ctypes
 import os
 import platform
 from collections.abc import Iterator
+from functools import cache
+
+import torch
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc <malloc.h>
 _DEFAULT_TRIM, _DEFAULT_MMAP_MAX = 128 * 1024, 65536
@@ -61,3 +64,35 @@ def freed_memory_kept() -> Iterator[None]:
         if _state["depth"] == 0 and _state["applied"]:
             restore_malloc()
             _state["applied"] = False
+
+
+@cache
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU has bfloat16 matmul units (AVX512-BF16 or AMX), from /proc/cpuinfo."""
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return any(f" {flag}" in flags for flag in ("avx512_bf16", "amx_bf16"))
+
+
+# On CPUs with native bf16 the LM could run in bfloat16; mlsae keeps float32 there unless a
+# measurement in bench/RESULTS.md ("LM dtype") shows bf16-trained SAEs are as good.
+CPU_AUTO_BF16 = False
+
+
+def auto_dtype(device: torch.device) -> str:
+    """The LM dtype `--dtype auto` resolves to on `device`: bfloat16 where the device computes
+    it natively (CUDA with bf16 support; CPUs with AVX512-BF16/AMX when CPU_AUTO_BF16), else
+    float32 (MPS included)."""
+    if device.type == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+    if device.type == "cpu" and CPU_AUTO_BF16 and cpu_has_native_bf16():
+        return "bfloat16"
+    return "float32"
+
+
+def resolve_lm_dtype(dtype: str, device: torch.device) -> str:
+    """`auto` -> `auto_dtype(device)`; any other name unchanged."""
+    return auto_dtype(device) if dtype == "auto" else dtype
+

@@ -69,3 +69,41 @@ def float64_sites(path: Path) -> list[str]:
 def test_device_statistics_make_float64_only_through_f64():
     bad = [site for p in DEVICE_MODULES for site in float64_sites(p)]
     assert bad == [], bad
+
+
+def test_auto_dtype_follows_the_hardware(monkeypatch):
+    from mlsae import runtime
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert runtime.auto_dtype(torch.device("cuda")) == "bfloat16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert runtime.auto_dtype(torch.device("cuda")) == "float32"
+    assert runtime.auto_dtype(torch.device("mps")) == "float32"
+    monkeypatch.setattr(runtime, "CPU_AUTO_BF16", True)
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)
+    assert runtime.auto_dtype(torch.device("cpu")) == "bfloat16"
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: False)
+    assert runtime.auto_dtype(torch.device("cpu")) == "float32"
+    assert runtime.resolve_lm_dtype("float16", torch.device("cuda")) == "float16"
+
+
+def test_run_records_the_resolved_dtype_and_resumes_with_auto(tiny_lm, text_file, tmp_path):
+    import json
+    import os
+    import signal
+
+    from test_train import small_cfg
+
+    from mlsae.train import train
+
+    def stop(trainer):
+        if trainer.step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    cfg = small_cfg(text_file, tmp_path / "run", eval_tokens=0)
+    assert cfg.train.dtype == "auto"
+    train(cfg, lm=tiny_lm, on_step=stop, progress=False)
+    meta = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert meta["lm_dtype"] == "float32" and meta["run"]["train"]["dtype"] == "float32"
+    res = train(resume=tmp_path / "run", given={"dtype": "auto"}, lm=tiny_lm, progress=False)
+    assert res["finished"]

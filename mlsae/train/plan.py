@@ -41,7 +41,8 @@ def validate(cfg: RunConfig) -> None:
         raise UserError("--holdout-fraction must be in [0, 1)")
     if cfg.train.lr is not None and cfg.train.lr <= 0:
         raise UserError("--lr must be positive")
-    resolve_dtype(cfg.train.dtype)
+    if cfg.train.dtype != "auto":
+        resolve_dtype(cfg.train.dtype)
     resolve_dtype(cfg.train.sae_matmul_dtype, "--sae-matmul-dtype")
     if not 0 <= cfg.train.lr_decay <= 1 or cfg.train.warmup_steps < 0:
         raise UserError("--lr-decay must be in [0, 1] and --warmup-steps >= 0")
@@ -68,6 +69,8 @@ def merge_resume(stored: RunConfig, given: dict[str, object]) -> RunConfig:
             if not hasattr(section, name):
                 continue
             old = getattr(section, name)
+            if name == "dtype" and value == "auto":  # the run recorded what auto meant
+                continue
             if name in RESUME_FREE:
                 setattr(section, name, value)
             elif old != value:

@@ -18,8 +18,9 @@ from mlsae.activations.cache import CachedActivations
 from mlsae.config import RunConfig
 from mlsae.data import TokenSource
 from mlsae.errors import UserError
+from mlsae.lens import run_lens
 from mlsae.lm import LanguageModel, load_lm, resolve_device
-from mlsae.runtime import freed_memory_kept
+from mlsae.runtime import freed_memory_kept, resolve_lm_dtype
 from mlsae.train.distributed import barrier, init_from_env
 from mlsae.train.loop import StopFlag, fit, heldout_summaries, lm_stream
 from mlsae.train.plan import adopt_cache_manifest, model_shape, plan_runs, settle_data, validate
@@ -51,6 +52,8 @@ def _train(cfg, resume, given, lm, on_step, progress, sweep) -> dict:
         torch.set_num_threads(lead.train.threads)
     device = resolve_device(lead.train.device)
     dist_info, device = init_from_env(device)
+    for c, _ in plan:
+        c.train.dtype = resolve_lm_dtype(c.train.dtype, device)
     if lead.train.batch_size % dist_info.world:
         raise UserError(f"--batch-size {lead.train.batch_size} is not divisible by the "
                         f"{dist_info.world} ranks")
@@ -83,6 +86,7 @@ def _train(cfg, resume, given, lm, on_step, progress, sweep) -> dict:
         root.mkdir(parents=True, exist_ok=True)
         (root / "sweep.json").write_text(json.dumps(
             {"sweep": sweep, "runs": [f.name for _, f in plan]}, indent=2) + "\n")
+    lens = run_lens(trainers[0].run_dir, lead.train.lens, layers, d_model)  # None: no lens
     start = trainers[0].sequences
     if cache is not None:
         stream = cache.batches(lead.train.batch_size, start, dist_info.rank, dist_info.world)
@@ -90,6 +94,10 @@ def _train(cfg, resume, given, lm, on_step, progress, sweep) -> dict:
         source = TokenSource(lead.data, lm.tokenizer, lm.eos_id, seed=lead.train.seed)
         stream = lm_stream(lm, source, lead, layers, start, device, dist_info,
                            index=root / "data_index.jsonl")
+    if lens is not None:  # the SAE encodes translated vectors (mlsae.lens)
+        stream = lens.translate_stream(stream, layers)
+        for tr in trainers if dist_info.is_main else []:
+            lens.save(tr.run_dir / "lens")
     stop = StopFlag()
     finished = fit(trainers, stream, on_step=on_step, progress=progress, stop=stop)
     summaries: list[dict | None] = [None] * len(trainers)
@@ -100,7 +108,7 @@ def _train(cfg, resume, given, lm, on_step, progress, sweep) -> dict:
                          lead.train.blocks)
         source = TokenSource(lead.data, lm.tokenizer, lm.eos_id, seed=lead.train.seed)
         summaries = heldout_summaries(trainers, lm, source, int(lead.train.eval_tokens),
-                                      progress=progress)
+                                      progress=progress, lens=lens)
         for tr, summary in zip(trainers, summaries):
             if summary is not None:
                 (tr.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
