@@ -26,6 +26,7 @@ COMMAND_MODULES = (
     "mlsae.analysis.examples",
     "mlsae.analysis.report",
     "mlsae.synth",
+    "mlsae.lens",
     "mlsae.server",
 )
 

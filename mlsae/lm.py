@@ -185,6 +185,30 @@ class LanguageModel:
         with _replace_forward(self.blocks[: layer + 1], out):
             return self.model(input_ids=input_ids.to(self.device), use_cache=False).logits
 
+    def final_norm(self) -> nn.Module:
+        """The norm applied after the last block, before the unembedding (Identity if the
+        model has none at a known path)."""
+        for path in FINAL_NORM_PATHS:
+            m = _module_at(self.model, path)
+            if isinstance(m, nn.Module):
+                return m
+        return nn.Identity()
+
+    def unembed(self, resid: Tensor) -> Tensor:
+        """Logits from a residual stream `[..., d_model]` as after the LAST block: the model's
+        final norm, output projection (OPT's project_out) and unembedding, plus Gemma's final
+        logit soft-capping. Differentiable (the tuned lens trains through it);
+        `unembed(resid_post of the last block)` equals the model's logits."""
+        x = self.final_norm()(resid)
+        project_out = _module_at(self.model, "model.decoder.project_out")
+        if isinstance(project_out, nn.Module):
+            x = project_out(x)
+        logits = self.model.get_output_embeddings()(x)
+        cap = getattr(_text_config(self.model.config), "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
     def _block_returns_tuple(self, input_ids: Tensor) -> bool:
         if not hasattr(self, "_tuple_out"):
             out = self._forward_until(input_ids[:1, :2], [0])
@@ -223,6 +247,19 @@ KNOWN_BLOCK_PATHS = (
     "transformer.blocks",  # MPT
     "model.transformer.blocks",
     "transformer.layers",
+)
+
+
+# Where the final norm (after the last block) lives, same families as KNOWN_BLOCK_PATHS.
+FINAL_NORM_PATHS = (
+    "model.norm",
+    "model.language_model.norm",
+    "language_model.model.norm",
+    "transformer.ln_f",
+    "gpt_neox.final_layer_norm",
+    "model.decoder.final_layer_norm",
+    "transformer.norm_f",
+    "model.transformer.norm_f",
 )
 
 

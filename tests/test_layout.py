@@ -16,7 +16,7 @@ RANK = {
     "errors": 0, "runtime": 0, "kernels": 0, "metrics": 0, "plots": 0,
     "config": 1, "options": 1,
     "data": 2, "lm": 2,
-    "activations": 3, "sae": 3, "formats": 3, "splice": 3,
+    "activations": 3, "sae": 3, "formats": 3, "splice": 3, "lens": 3,
     "train": 4,
     "runs": 5, "evaluate": 5,
     "analysis": 6, "baselines": 6, "compare": 6, "export": 6, "synth": 6,

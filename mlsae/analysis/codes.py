@@ -21,6 +21,7 @@ from mlsae.activations import batch_activations
 from mlsae.config import DataConfig
 from mlsae.errors import UserError
 from mlsae.evaluate import check_text_options
+from mlsae.lens import TunedLens, sae_lens
 from mlsae.lm import LanguageModel
 from mlsae.options import TextOptions
 from mlsae.runs import (
@@ -65,6 +66,7 @@ class RunCodes:
     layers: list[int]  # LM block numbers, in the SAE's layer order
     data_cfg: DataConfig
     opts: TextOptions
+    lens: TunedLens | None = None  # a lens run (`mlsae train --lens`): encode translated x
 
     @property
     def n_layers(self) -> int:
@@ -85,6 +87,8 @@ class RunCodes:
         """Codes of `ids [batch, seq]` -> acts, idx `[layer, batch, seq, k]` (acts 0 at excluded
         positions) and the include mask `[batch, seq]` (on the LM's device)."""
         x, mask = batch_activations(self.lm, ids, self.layers, self.data_cfg, self.lm.device)
+        if self.lens is not None:
+            x = self.lens.translate(x, self.layers)
         mask = mask.to(self.lm.device)
         shape = (self.n_layers, *ids.shape, self.sae.k)
         acts = torch.zeros(shape, device=self.lm.device)
@@ -117,7 +121,10 @@ def open_run(run: str | Path, opts: TextOptions, lm: LanguageModel | None = None
     else:
         check_lm_matches(sae, lm)
     sae.to(lm.device)
-    return RunCodes(sae, lm, sae_layers(sae), run_data_config(sae, opts), opts)
+    layers = sae_layers(sae)
+    lens = sae_lens(run, sae.config, layers, sae.d_model)
+    return RunCodes(sae, lm, layers, run_data_config(sae, opts), opts,
+                    None if lens is None else lens.to(lm.device))
 
 
 def token_strings(tokenizer, ids: list[int]) -> list[str]:

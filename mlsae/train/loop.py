@@ -146,8 +146,10 @@ def fit(trainers: list[Trainer], stream: Iterator[tuple[Tensor, int]],
 
 @torch.no_grad()
 def heldout_summaries(trainers: list[Trainer], lm: LanguageModel, source: TokenSource,
-                      max_tokens: int, progress: bool = True) -> list[dict | None]:
-    """Held-out FVU / MSE / L0 per layer for each trainer's SAE (exact float32 selection)."""
+                      max_tokens: int, progress: bool = True, lens=None) -> list[dict | None]:
+    """Held-out FVU / MSE / L0 per layer for each trainer's SAE (exact float32 selection).
+    With a tuned `lens` (mlsae.lens.TunedLens) the SAE sees translated vectors and its
+    reconstruction is mapped back exactly: the metrics are in the original space."""
     seqs = source.eval_sequences(max_tokens)
     lead = trainers[0]
     if len(seqs) == 0:
@@ -159,8 +161,11 @@ def heldout_summaries(trainers: list[Trainer], lm: LanguageModel, source: TokenS
         if x.shape[1] == 0:
             continue
         shape = (len(lead.layers), x.shape[1], -1)
+        xs = x if lens is None else lens.translate(x, lead.layers)
         for tr, st in zip(trainers, stats):
-            out = tr.sae(x.reshape(-1, x.shape[-1]))
-            st.update(x, out.x_hat.reshape(shape), out.code.acts.reshape(shape),
-                      out.code.idx.reshape(shape))
+            out = tr.sae(xs.reshape(-1, x.shape[-1]))
+            x_hat = out.x_hat.reshape(shape)
+            if lens is not None:
+                x_hat = lens.inverse(x_hat, lead.layers)
+            st.update(x, x_hat, out.code.acts.reshape(shape), out.code.idx.reshape(shape))
     return [dict(st.result(), layers=lead.layers) if st.n else None for st in stats]
