@@ -103,3 +103,64 @@ def test_load_errors(name, msg):
 def test_unknown_hub_id_offline():
     with pytest.raises(UserError, match="cannot load model"):
         load_lm("no-such-owner/no-such-model")
+
+
+def test_known_block_path_wins_over_other_stacks():
+    """A second ModuleList of the same length elsewhere does not confuse the known path."""
+    from torch import nn
+
+    lm = make_tiny_lm("llama", n_layers=3)
+    lm.model.extra = nn.ModuleList([nn.Linear(2, 2) for _ in range(3)])
+    assert find_blocks(lm.model) is lm.model.model.layers
+
+
+def test_generic_search_refuses_ambiguity_and_blocks_overrides():
+    from torch import nn
+
+    class Wrapper(nn.Module):  # a multimodal-like wrapper at no known path
+        def __init__(self, config):
+            super().__init__()
+            self.config = config
+            self.vision = nn.ModuleList([nn.Linear(2, 2) for _ in range(3)])
+            self.text = nn.ModuleList([nn.Linear(2, 2) for _ in range(3)])
+
+    lm = make_tiny_lm("llama", n_layers=3)
+    w = Wrapper(lm.model.config)
+    with pytest.raises(UserError, match=r"^Wrapper has several stacks of 3 blocks \(vision, "
+                       r"text\); choose one with --blocks PATH$"):
+        find_blocks(w)
+    assert find_blocks(w, "text") is w.text
+    del w.vision
+    assert find_blocks(w) is w.text  # one stack: the generic search finds it
+    with pytest.raises(UserError, match="--blocks 'nope'"):
+        find_blocks(w, "nope")
+
+
+def test_blocks_flag_through_load_lm(tiny_model_dir):
+    lm = load_lm(str(tiny_model_dir), blocks="model.layers")
+    assert lm.blocks is lm.model.model.layers
+
+
+def test_prepend_bos_follows_the_tokenizer_convention(text_file):
+    """Default (None): BOS first iff the tokenizer adds it (Gemma-style), recorded by
+    settle_data; the byte tokenizer adds none, so nothing changes for it."""
+    from conftest import byte_tokenizer
+    from tokenizers.processors import TemplateProcessing
+
+    from mlsae.config import DataConfig, RunConfig
+    from mlsae.data import TokenSource
+    from mlsae.data.split import adds_bos
+    from mlsae.train.plan import settle_data
+
+    plain = byte_tokenizer()
+    gemma_like = byte_tokenizer()
+    gemma_like._tokenizer.post_processor = TemplateProcessing(
+        single="<bos> $A", special_tokens=[("<bos>", 256)])
+    assert not adds_bos(plain) and adds_bos(gemma_like)
+    for tok, want in ((plain, False), (gemma_like, True)):
+        cfg = RunConfig(data=DataConfig(dataset=str(text_file), ctx_len=16))
+        settle_data(cfg, tok)
+        assert cfg.data.prepend_bos is want
+        src = TokenSource(DataConfig(dataset=str(text_file), ctx_len=16), tok, 257)
+        first = next(s for _, s, _ in src.packed())
+        assert (first[0].item() == 256) is want
