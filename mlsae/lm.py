@@ -209,6 +209,32 @@ class LanguageModel:
             logits = torch.tanh(logits / cap) * cap
         return logits
 
+    @torch.inference_mode()
+    def resid_from(self, input_ids: Tensor, layer: int, resid: Tensor, until: int) -> Tensor:
+        """resid_post of block `until` (> `layer`) when resid_post of `layer` is replaced by
+        `resid [batch, seq, d_model]`: blocks layer+1..until run, the rest of the model not."""
+        if until <= layer:
+            raise ValueError(f"until ({until}) must be after layer ({layer})")
+        returns_tuple = self._block_returns_tuple(input_ids)
+        with _replace_forward(self.blocks[: layer + 1], (resid,) if returns_tuple else resid):
+            out = self._forward_until(input_ids, [until])[until]
+        return out[0] if isinstance(out, tuple) else out
+
+    @torch.inference_mode()
+    def final_hidden_from(self, input_ids: Tensor, layer: int | None = None,
+                          resid: Tensor | None = None) -> Tensor:
+        """resid_post of the LAST block, `[batch, seq, d_model]` (what `unembed` takes), when
+        resid_post of `layer` is replaced by `resid` (None: the clean forward). The final norm
+        and unembedding are not run: `unembed(final_hidden_from(ids, l, r))` equals
+        `logits_from(ids, l, r)` to float tolerance, applied to as few positions at a time as
+        the caller likes, so the `[positions, vocab]` logits never need to exist at once."""
+        last = self.n_layers - 1
+        if layer is None:
+            return self.resid_post(input_ids, [last])[0]
+        if layer == last:
+            return resid
+        return self.resid_from(input_ids, layer, resid, last)
+
     def _block_returns_tuple(self, input_ids: Tensor) -> bool:
         if not hasattr(self, "_tuple_out"):
             out = self._forward_until(input_ids[:1, :2], [0])
