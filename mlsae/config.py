@@ -169,6 +169,11 @@ class TrainConfig:
     threads: int | None = None
     """CPU threads for torch (default: torch's own choice)."""
 
+    log: str = "jsonl"
+    """Where training metrics go besides metrics.jsonl (always written): `jsonl` (nothing
+    else), `tensorboard` (<run>/tensorboard/), `wandb` (offline with WANDB_MODE=offline),
+    or `tensorboard,wandb`; the same scalars as metrics.jsonl, per layer."""
+
     revision: str | None = None
     """Revision (branch, tag or commit) of a hub model, e.g. Pythia's `step3000`."""
 

@@ -73,7 +73,7 @@ def test_saelens_export_on_real_activations(real, tmp_path):
 def test_splice_matches_eval_on_smollm2(real, smollm2, tmp_path):
     sae, _ = real
     sae.save_pretrained(tmp_path / "ck")
-    opts = TextOptions(tokens=4 * 64, batch_size=2, ctx_len=64)
+    opts = TextOptions(tokens=2 * 64, batch_size=2, ctx_len=64)  # one batch
     res = evaluate(tmp_path / "ck", opts, out=tmp_path / "e.json", lm=smollm2, progress=False,
                    layers=[15])
     data_cfg, batches, _ = eval_batches(sae, smollm2, opts)

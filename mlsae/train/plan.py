@@ -21,7 +21,7 @@ from mlsae.train.checkpoint import CHECKPOINT, find_checkpoint
 from mlsae.train.sweep import parse_sweep, sweep_name, with_overrides
 
 # Flags that may differ on --resume: they change how a run is watched, not what it computes.
-RESUME_FREE = {"device", "threads", "log_every", "save_every", "eval_tokens", "out"}
+RESUME_FREE = {"device", "threads", "log_every", "save_every", "eval_tokens", "out", "log"}
 
 
 def default_run_dir(cfg: RunConfig) -> Path:

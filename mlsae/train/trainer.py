@@ -21,6 +21,7 @@ from mlsae.lm import resolve_dtype
 from mlsae.sae import MLSAE, geometric_median
 from mlsae.train.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from mlsae.train.distributed import Dist, all_gather_rows, all_reduce_
+from mlsae.train.log_backends import open_backends
 from mlsae.train.loss import loss, update_dead_counters
 
 
@@ -128,6 +129,8 @@ class Trainer:
     def log(self, m: dict, rate: float) -> None:
         if not self.dist.is_main:
             return
+        if getattr(self, "backends", None) is None:  # --log: TensorBoard / W&B besides JSONL
+            self.backends = open_backends(self.cfg.train.log, self.run_dir, self.cfg.to_dict())
         if self.step % self.cfg.train.log_every and self.step != self.total_steps:
             return
         if self.log_file is None:
@@ -138,11 +141,16 @@ class Trainer:
                "layers": self.layers, "fvu": m["fvu"], "l0": m["l0"]}
         self.log_file.write(json.dumps(row) + "\n")
         self.log_file.flush()
+        for backend in self.backends:
+            backend.write(row)
 
     def close(self) -> None:
         if self.log_file is not None:
             self.log_file.close()
             self.log_file = None
+        for backend in getattr(self, "backends", None) or []:
+            backend.close()
+        self.backends = None
 
     # ---- checkpoints ---------------------------------------------------------------------
     def save(self) -> None:
