@@ -17,10 +17,24 @@ positions keep their clean x_l), and the model continues from block l+1 to the l
 dCE_l = CE_recon - CE_clean; CE recovered = (CE_zero - CE_recon) / (CE_zero - CE_clean) (null
 when the denominator is 0); KL_l = mean over CE positions of KL(p_clean || p_recon).
 
-Cost per batch: one forward up to the last SAE layer captures every layer; the clean logits
-come from continuing after the last SAE layer with its own resid_post (bit-identical to a
-full forward, see `LanguageModel.logits_from`); then two continuations per layer (recon and
-ablation). Sums stream in float64: memory is bounded by the batch, not by --tokens.
+Multi-layer replacement (`--replace`, SPEC §4). The chosen layers S (depth order) are all
+replaced at once, free-running: the forward runs to S[0], x_S[0] is replaced by the SAE's
+reconstruction at the included positions, the model continues to S[1] from that, where the SAE
+encodes what arrives (excluded positions keep what the spliced model computed), and so on; the
+model then continues to the logits. CE and KL(p_clean || p_replaced) are taken at the CE
+positions. The curve repeats this for the first n layers of S, n = 1..|S|; when |S| is above
+--curve-points (default 10), for --curve-points evenly spaced n from 1 to |S| (always 1 and
+|S|). One pass computes every point: the spliced stream after n layers is the start of the
+stream after n+1, so the blocks run once up to S[-1], plus one continuation per point.
+
+Cost per batch: one forward up to the last needed layer captures every layer; the clean final
+hidden states come from continuing after it with its own resid_post (bit-identical to a full
+forward, see `LanguageModel.logits_from`); then two continuations per layer (recon and
+ablation), each stopping at the last block's resid_post. The final norm and unembedding run
+afterwards on CHUNK_BYTES worth of positions at a time, and each chunk's clean log-probs serve
+every layer: no `[positions, vocab]` tensor exists, so memory is bounded by the batch and the
+chunk, not by vocabulary x positions. Sums stream in float64: memory is bounded by the batch,
+not by --tokens.
 """
 
 from __future__ import annotations
@@ -29,7 +43,7 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -49,10 +63,14 @@ from mlsae.runs import check_lm_matches, eval_batches, load_run_lm, load_sae, sa
 from mlsae.sae import MLSAE
 
 ABLATIONS = ("zero", "mean")
+CHUNK_BYTES = 64 * 2**20  # one float32 [positions, vocab] chunk of log-probabilities
+HIDDEN_BYTES = 256 * 2**20  # final hidden states kept per batch before their CE/KL is taken
+CURVE_POINTS = 10
 
 
 # ---- small pieces (public: tests check them directly) ----------------------------------------
-def select_layers(spec: str | Sequence[int] | None, available: list[int]) -> list[int]:
+def select_layers(spec: str | Sequence[int] | None, available: list[int],
+                  flag: str = "--layers") -> list[int]:
     """`spec` (None / `all`, a list of ints, or a --layers string) as a subset of `available`."""
     if spec is None or spec == "all":
         return list(available)
@@ -60,7 +78,7 @@ def select_layers(spec: str | Sequence[int] | None, available: list[int]) -> lis
     wanted = C.resolve_layers(spec, 2**31) if isinstance(spec, str) else sorted(set(spec))
     bad = [v for v in wanted if v not in available]
     if bad:
-        raise UserError(f"--layers: layer {bad[0]} is not in the checkpoint (its layers: "
+        raise UserError(f"{flag}: layer {bad[0]} is not in the checkpoint (its layers: "
                         f"{format_layers(available)})")
     return wanted
 
@@ -149,38 +167,183 @@ def _splice(resid: Tensor, mask: Tensor, values: Tensor) -> Tensor:
     return out
 
 
+def curve_counts(n_layers: int, points: int = CURVE_POINTS) -> list[int]:
+    """The n of the replacement curve: 1..n_layers, or `points` evenly spaced ones (1 and
+    n_layers included) when there are more layers than that; points <= 0: every n."""
+    if points <= 0 or n_layers <= points:
+        return list(range(1, n_layers + 1))
+    if points == 1:
+        return [n_layers]
+    return sorted({round(1 + i * (n_layers - 1) / (points - 1)) for i in range(points)})
+
+
+class ReplacementStats:
+    """Streaming float64 sums over CE positions for the multi-layer replacement curve."""
+
+    def __init__(self, layers: list[int], counts: list[int]):
+        self.layers, self.counts = layers, counts
+        self.n = 0
+        self.ce_clean = torch.zeros((), dtype=torch.float64)
+        self.ce = torch.zeros(len(counts), dtype=torch.float64)
+        self.kl = torch.zeros(len(counts), dtype=torch.float64)
+
+    def result(self) -> dict:
+        if self.n == 0:
+            raise UserError("no CE position in the evaluation text (every position excluded)")
+        clean = (self.ce_clean / self.n).item()
+        ce, kl = (self.ce / self.n).tolist(), (self.kl / self.n).tolist()
+        return {"layers": self.layers, "ce_clean": clean, "ce_replaced": ce[-1],
+                "dce": ce[-1] - clean, "kl": kl[-1],
+                "curve": [{"n_layers": n, "layers": self.layers[:n], "ce": c, "kl": k}
+                          for n, c, k in zip(self.counts, ce, kl)]}
+
+
+class _Head:
+    """The final norm and unembedding, run on a few positions at a time (`lm.unembed`).
+
+    Checked once on 8 tokens: unembedding the last block's resid_post must give the model's
+    own logits. A model where it does not (an unknown final norm) gets its full logits from
+    `hidden_from` and an identity `logits`: correct, but memory as before the split."""
+
+    def __init__(self, lm: LanguageModel, ids: Tensor):
+        self.lm = lm
+        probe = ids[:1, :8]
+        want = lm.logits(probe).float()
+        try:
+            got = lm.unembed(lm.final_hidden_from(probe)).float()
+            fp32 = next(lm.model.parameters()).dtype == torch.float32
+            tol = (1e-4 if fp32 else 3e-2) * (1 + want.abs().max().item())
+            self.split = got.shape == want.shape and (got - want).abs().max().item() <= tol
+        except Exception:  # noqa: BLE001 - any failure means: do not split the head
+            self.split = False
+        self.vocab = want.shape[-1]
+        self.rows = max(1, CHUNK_BYTES // (4 * self.vocab))
+
+    def hidden_from(self, ids: Tensor, layer: int, resid: Tensor) -> Tensor:
+        if self.split:
+            return self.lm.final_hidden_from(ids, layer, resid)
+        return self.lm.logits_from(ids, layer, resid)
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        return self.lm.unembed(hidden) if self.split else hidden
+
+    def losses(self, clean: Tensor, targets: Tensor, others: Sequence[Tensor],
+               with_kl: Sequence[bool]) -> tuple[Tensor, Tensor, Tensor]:
+        """Sums over rows (CE positions) of the clean CE, and for each of `others` (final
+        hidden states `[n, d]` like `clean`) its CE and, where `with_kl`, KL(p_clean || p)."""
+        f64 = torch.float64
+        ce_clean = torch.zeros((), dtype=f64)
+        ce, kl = torch.zeros(len(others), dtype=f64), torch.zeros(len(others), dtype=f64)
+        for r0 in range(0, clean.shape[0], self.rows):
+            rows, t = slice(r0, r0 + self.rows), targets[r0:r0 + self.rows]
+            logp = self.logits(clean[rows]).float().log_softmax(dim=-1)
+            ce_clean += cross_entropy(logp, t).double().sum().cpu()
+            p = logp.exp() if any(with_kl) else None
+            for j, (h, want_kl) in enumerate(zip(others, with_kl)):
+                logq = self.logits(h[rows]).float().log_softmax(dim=-1)
+                ce[j] += cross_entropy(logq, t).double().sum().cpu()
+                if want_kl:
+                    kl[j] += (p * (logp - logq)).sum(dim=-1).double().sum().cpu()
+                del logq
+        return ce_clean, ce, kl
+
+
+Recon = Callable[[int, Tensor], Tensor]  # (layer, x [token, d_model]) -> x_hat [token, d_model]
+
+
+def sae_recon(sae: MLSAE) -> Recon:
+    """The reconstruction of one SAE, whatever the layer."""
+    return lambda _layer, x: sae(x).x_hat
+
+
+def saes_recon(saes: dict[int, MLSAE]) -> Recon:
+    """Each layer's reconstruction by its own SAE (single-layer baselines)."""
+    return lambda layer, x: saes[layer](x).x_hat
+
+
+def _replace_batch(head: _Head, ids: Tensor, mask: Tensor, first: Tensor, clean: Tensor,
+                   pos: Tensor, targets: Tensor, recon: Recon, st: ReplacementStats) -> None:
+    """One batch of the free-running replacement; `first` is the clean resid_post of the
+    first replaced layer, `clean` the clean final hidden states at the CE positions."""
+    lm, layers, wanted = head.lm, st.layers, set(st.counts)
+    hidden, r = [], first
+    for n, layer in enumerate(layers, start=1):
+        if n > 1:
+            r = lm.resid_from(ids, layers[n - 2], r, layer)
+        r = _splice(r, mask, recon(layer, r[mask].float()))
+        if n in wanted:
+            hidden.append(head.hidden_from(ids, layer, r)[:, :-1][pos])
+    ce_clean, ce, kl = head.losses(clean, targets, hidden, [True] * len(hidden))
+    st.n += int(pos.sum())
+    st.ce_clean += ce_clean
+    st.ce += ce
+    st.kl += kl
+
+
+def _layer_groups(n_layers: int, n_pos: int, d: int) -> list[range]:
+    """Layers whose recon and ablation final hidden states (2 x [n_pos, d] float32 each) fit
+    in HIDDEN_BYTES together: each group shares one pass of clean log-probs."""
+    per = max(1, HIDDEN_BYTES // max(1, 2 * n_pos * d * 4))
+    return [range(i, min(i + per, n_layers)) for i in range(0, n_layers, per)]
+
+
 @torch.inference_mode()
 def evaluate_batches(sae: MLSAE, lm: LanguageModel, layers: list[int],
                      batches: Sequence[Tensor], data_cfg: DataConfig, ablation: Tensor,
-                     progress: bool = True) -> tuple[ReconstructionStats, SpliceStats]:
-    """Stream `[batch, seq]` token batches; `ablation [layer, d_model]` is what x_l becomes."""
-    rec = ReconstructionStats(len(layers), sae.d_model, sae.n_latents)
-    ce = SpliceStats(len(layers))
+                     progress: bool = True, replace: list[int] | None = None,
+                     curve: list[int] | None = None, recon: Recon | None = None,
+                     ) -> tuple[ReconstructionStats | None, SpliceStats | None,
+                                ReplacementStats | None]:
+    """Stream `[batch, seq]` token batches; `ablation [layer, d_model]` is what x_l becomes.
+
+    `layers` may be empty (replacement only). `replace`: the layers of the multi-layer
+    replacement (None: none), with the curve's `curve` counts (default: every n) and
+    `recon` (default: `sae`'s reconstruction at every layer)."""
+    rec = ReconstructionStats(len(layers), sae.d_model, sae.n_latents) if layers else None
+    ce = SpliceStats(len(layers)) if layers else None
+    rep = None
+    if replace:
+        rep = ReplacementStats(list(replace), list(curve or range(1, len(replace) + 1)))
+        recon = recon or sae_recon(sae)
+    need = sorted(set(layers) | set(replace or ()))
+    at = {layer: i for i, layer in enumerate(need)}
+    head = None
     for ids in tqdm(batches, desc="eval", disable=not progress, dynamic_ncols=True):
         mask = include_mask(ids, lm.special_ids, data_cfg).to(lm.device)  # [batch, seq]
         if not mask.any():
             continue
-        resid = lm.resid_post(ids, layers)  # [layer, batch, seq, d_model]
-        mask = exclude_outliers(resid, mask, data_cfg)  # --exclude-outliers, as in training
-        x = resid[:, mask].float()  # [layer, token, d_model]
-        x_hat, acts, idx = reconstruct(sae, x)
-        rec.update(x, x_hat, acts, idx)
-
+        head = head or _Head(lm, ids)
+        resid = lm.resid_post(ids, need)  # [layer, batch, seq, d_model]
+        own = resid if need == layers else resid[[at[v] for v in layers or replace]]
+        mask = exclude_outliers(own, mask, data_cfg)  # --exclude-outliers, as in training
         pos = mask[:, :-1]  # [batch, seq-1]: included and has a next token
         targets = ids.to(lm.device)[:, 1:][pos]  # [n_pos]
-        clean = next_token_logprobs(lm.logits_from(ids, layers[-1], resid[-1]), pos)
+        clean = head.hidden_from(ids, need[-1], resid[-1])[:, :-1][pos]
+        if replace:
+            _replace_batch(head, ids, mask, resid[at[replace[0]]], clean, pos, targets, recon,
+                           rep)
+        if not layers:
+            continue
+        x = own[:, mask].float()  # [layer, token, d_model]
+        x_hat, acts, idx = reconstruct(sae, x)
+        rec.update(x, x_hat, acts, idx)
         ce.n += int(pos.sum())
-        ce.ce_clean += cross_entropy(clean, targets).double().sum().cpu()
-        for i, layer in enumerate(layers):
-            recon = next_token_logprobs(
-                lm.logits_from(ids, layer, _splice(resid[i], mask, x_hat[i])), pos)
-            ce.ce_recon[i] += cross_entropy(recon, targets).double().sum().cpu()
-            ce.kl[i] += kl_div(clean, recon).double().sum().cpu()
-            del recon  # [n_pos, vocab] is the largest tensor here: free it before the next
-            ablated = next_token_logprobs(
-                lm.logits_from(ids, layer, _splice(resid[i], mask, ablation[i])), pos)
-            ce.ce_zero[i] += cross_entropy(ablated, targets).double().sum().cpu()
-    return rec, ce
+        n_pos = int(pos.sum())
+        for group in _layer_groups(len(layers), n_pos, clean.shape[-1]):
+            hidden = []
+            for i in group:
+                hidden.append(head.hidden_from(ids, layers[i], _splice(own[i], mask, x_hat[i]))
+                              [:, :-1][pos])
+                hidden.append(head.hidden_from(ids, layers[i],
+                                               _splice(own[i], mask, ablation[i]))[:, :-1][pos])
+            ce_clean, ce_sum, kl_sum = head.losses(clean, targets, hidden,
+                                                   [True, False] * len(group))
+            if group.start == 0:
+                ce.ce_clean += ce_clean
+            ce.ce_recon[group.start:group.stop] += ce_sum[0::2]
+            ce.ce_zero[group.start:group.stop] += ce_sum[1::2]
+            ce.kl[group.start:group.stop] += kl_sum[0::2]
+    return rec, ce, rep
 
 
 def _mean(values: list) -> float | None:
@@ -207,11 +370,15 @@ def shortfall_note(opts: TextOptions, ctx_len: int, tokens: int) -> str | None:
 
 def evaluate(checkpoint: str | Path, opts: TextOptions, out: str | Path | None = None,
              ablation: str = "zero", lm: LanguageModel | None = None, progress: bool = True,
-             layers: str | Sequence[int] | None = None) -> dict:
+             layers: str | Sequence[int] | None = None,
+             replace: str | Sequence[int] | None = None,
+             curve_points: int = CURVE_POINTS) -> dict:
     """Evaluate a checkpoint on held-out (or --dataset) text; writes and returns the results.
 
-    `layers`: a subset of the checkpoint's layers (default: all). `lm`: an already loaded
-    model (checked against the checkpoint). See the module docstring for the definitions.
+    `layers`: a subset of the checkpoint's layers (default: all). `replace`: also the
+    multi-layer replacement of these layers (`all` or a layer spec; None: not), with
+    `curve_points` points on its curve. `lm`: an already loaded model (checked against the
+    checkpoint). See the module docstring for the definitions.
     """
     if ablation not in ABLATIONS:
         raise UserError(f"--ablation {ablation!r}: choose one of {', '.join(ABLATIONS)}")
@@ -219,6 +386,8 @@ def evaluate(checkpoint: str | Path, opts: TextOptions, out: str | Path | None =
     t0 = time.perf_counter()
     sae = load_sae(checkpoint)
     chosen = select_layers(layers, sae_layers(sae))
+    replaced = None if replace is None else select_layers(replace, sae_layers(sae), "--replace")
+    counts = curve_counts(len(replaced), curve_points) if replaced else None
     if lm is None:
         lm = load_run_lm(sae, opts)
     else:
@@ -230,7 +399,8 @@ def evaluate(checkpoint: str | Path, opts: TextOptions, out: str | Path | None =
     else:
         values = torch.zeros(len(chosen), lm.d_model, device=lm.device)
     with outlier_tally() as tally:
-        rec, ce = evaluate_batches(sae, lm, chosen, batch_list, data_cfg, values, progress)
+        rec, ce, rep = evaluate_batches(sae, lm, chosen, batch_list, data_cfg, values, progress,
+                                        replace=replaced, curve=counts)
     if rec.n == 0:
         raise UserError("every position of the evaluation text is excluded (special tokens "
                         "/ exclude_first)")
@@ -245,6 +415,8 @@ def evaluate(checkpoint: str | Path, opts: TextOptions, out: str | Path | None =
         "dataset": data_cfg.eval_dataset or f"{data_cfg.dataset} (held-out split)",
         "options": {k: v for k, v in asdict(opts).items() if k != "device"},
     }
+    if rep is not None:
+        result["replacement"] = rep.result()
     note = shortfall_note(opts, data_cfg.ctx_len, tokens)
     if note:
         result["note"] = note
@@ -289,12 +461,26 @@ def format_eval_table(res: dict) -> str:
                      f"{v['kl']:>7.4f}")
     if "outliers" in res:
         lines.append(outlier_line(res["outliers"]))
+    if "replacement" in res:
+        lines.append(format_replacement(res["replacement"]))
+    return "\n".join(lines)
+
+
+def format_replacement(rep: dict) -> str:
+    """The multi-layer replacement: totals, then one line per curve point."""
+    lines = [f"replacement of layers {format_layers(rep['layers'])} at once (free-running): "
+             f"CE {rep['ce_replaced']:.4f} vs clean {rep['ce_clean']:.4f}, dCE "
+             f"{rep['dce']:.4f}, KL {rep['kl']:.4f}",
+             f"{'n':>5} {'last':>5} {'CE':>8} {'dCE':>8} {'KL':>8}"]
+    for pt in rep["curve"]:
+        lines.append(f"{pt['n_layers']:>5} {pt['layers'][-1]:>5} {pt['ce']:>8.4f} "
+                     f"{pt['ce'] - rep['ce_clean']:>8.4f} {pt['kl']:>8.4f}")
     return "\n".join(lines)
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     res = evaluate(args.checkpoint, text_options(args), out=args.out, ablation=args.ablation,
-                   layers=args.layers)
+                   layers=args.layers, replace=args.replace, curve_points=args.curve_points)
     print(format_eval_table(res))
     print(f"wrote {res['out']} ({res['seconds']:.1f} s)")
     return 0
@@ -315,5 +501,11 @@ def add_commands(sub) -> None:
                    "tokens (default: zero)")
     p.add_argument("--layers", help="evaluate only these of the checkpoint's layers "
                    "(all, 0,3,7, 0-29:2; default: all)")
+    p.add_argument("--replace", metavar="LAYERS", help="also replace these layers (all, or a "
+                   "layer spec) at once, free-running, and report CE, dCE, KL and the curve over "
+                   "the first n of them (eval.json 'replacement')")
+    p.add_argument("--curve-points", type=int, default=CURVE_POINTS,
+                   help="points of the replacement curve when more layers are replaced: evenly "
+                   f"spaced n, first and last included; 0: every n (default: {CURVE_POINTS})")
     add_text_options(p)
     p.set_defaults(func=_cmd_eval)
