@@ -42,15 +42,23 @@ class ReconstructionStats:
     @torch.no_grad()
     def update(self, x: Tensor, x_hat: Tensor, acts: Tensor, idx: Tensor) -> None:
         """x, x_hat `[layer, token, d_model]`; acts, idx `[layer, token, k]`."""
-        x, x_hat = f64(x.cpu()), f64(x_hat.cpu())
+        for i in range(x.shape[0]):
+            self.update_layer(i, x[i], x_hat[i], acts[i], idx[i])
         self.n += x.shape[1]
-        self.sq_err += (x_hat - x).pow(2).sum(dim=(1, 2))
-        self.sum_x += x.sum(dim=1)
-        self.sum_sq += x.pow(2).sum(dim=(1, 2))
+
+    @torch.no_grad()
+    def update_layer(self, i: int, x: Tensor, x_hat: Tensor, acts: Tensor, idx: Tensor) -> None:
+        """Layer position `i`: x, x_hat `[token, d_model]`; acts, idx `[token, k]`. The caller
+        adds the token count to `n` once per batch (every layer sees the same tokens). The
+        float64 copies are one layer's, so memory is bounded by `[token, d_model]`."""
+        err = torch.linalg.vector_norm(x_hat - x, dim=-1)  # [token], input dtype
+        xd = f64(x.cpu())
+        self.sq_err[i] += f64(err.cpu()).square().sum()
+        self.sum_x[i] += xd.sum(dim=0)
+        self.sum_sq[i] += xd.square().sum()
         active = (acts > 0).cpu()
-        self.l0_sum += f64(active.sum(dim=(1, 2)))
-        for layer in range(x.shape[0]):
-            self.fired[layer, idx[layer].cpu()[active[layer]]] = True
+        self.l0_sum[i] += active.sum().item()
+        self.fired[i, idx.cpu()[active]] = True
 
     def result(self) -> dict:
         if self.n == 0:

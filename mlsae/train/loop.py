@@ -160,12 +160,13 @@ def heldout_summaries(trainers: list[Trainer], lm: LanguageModel, source: TokenS
         x, _ = batch_activations(lm, ids, lead.layers, lead.cfg.data, lead.device)
         if x.shape[1] == 0:
             continue
-        shape = (len(lead.layers), x.shape[1], -1)
         xs = x if lens is None else lens.translate(x, lead.layers)
         for tr, st in zip(trainers, stats):
-            out = tr.sae(xs.reshape(-1, x.shape[-1]))
-            x_hat = out.x_hat.reshape(shape)
-            if lens is not None:
-                x_hat = lens.inverse(x_hat, lead.layers)
-            st.update(x, x_hat, out.code.acts.reshape(shape), out.code.idx.reshape(shape))
+            for i in range(len(lead.layers)):  # one layer at a time: the summary's peak
+                out = tr.sae(xs[i])            # memory stays below a training step's
+                x_hat = out.x_hat
+                if lens is not None:
+                    x_hat = lens.inverse(x_hat[None], lead.layers[i:i + 1])[0]
+                st.update_layer(i, x[i], x_hat, out.code.acts, out.code.idx)
+            st.n += x.shape[1]
     return [dict(st.result(), layers=lead.layers) if st.n else None for st in stats]
