@@ -13,12 +13,14 @@ same invocation, so the ratios are taken on the same machine state.
 
     .venv/bin/pip install -c <(echo torch==2.13.0) eai-sparsify==1.3.3
     .venv/bin/python bench/train_e2e.py [--steps 6]
+    .venv/bin/python bench/train_e2e.py --e2e      # whole processes, one after the other
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import resource
 import subprocess
 import sys
@@ -186,6 +188,73 @@ def variant_cache_w1(steps: int) -> dict:
             "read_tokens_per_s": n_vec / 30 / read_s, "peak_gb": peak_gb()}
 
 
+E2E_TOKENS = 32_768  # 16 steps of 8 x 256
+
+
+def _whole_process(cmd: list[str]) -> dict:
+    """Wall time and peak RSS of a whole process (model loading and everything else)."""
+    # A fresh parent per command, so RUSAGE_CHILDREN's peak is this command's alone.
+    wrapper = ("import resource, subprocess, sys; rc = subprocess.run(sys.argv[1:]).returncode;"
+               " print('PEAK_KB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss,"
+               " file=sys.stderr); sys.exit(rc)")
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", wrapper, *cmd], capture_output=True, text=True)
+    sec = time.perf_counter() - t0
+    if proc.returncode:
+        return {"error": proc.stderr[-500:]}
+    rate = re.findall(r"IN_LOOP_TOKENS_PER_S ([0-9.]+)", proc.stdout + proc.stderr)
+    peak_kb = int(re.findall(r"PEAK_KB ([0-9]+)", proc.stderr)[-1])
+    out = {"wall_s": sec, "peak_gb": peak_kb / 2**20}
+    if rate:
+        out["in_loop_tokens_per_s"] = float(rate[-1])
+    return out
+
+
+def e2e_mlsae(eval_tokens: int, dtype: str = "auto") -> dict:
+    """`mlsae train` on W1 for E2E_TOKENS tokens, as a user runs it (model load included)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        res = _whole_process([sys.executable, "-m", "mlsae", "train", "--tokens",
+                              str(E2E_TOKENS), "--eval-tokens", str(eval_tokens), "--dtype",
+                              dtype, "--log-every", "1", "--out", f"{tmp}/run"])
+        rows = [json.loads(r) for r in open(f"{tmp}/run/metrics.jsonl")] if "error" not in \
+            res else []
+    if rows:
+        res["in_loop_tokens_per_s"] = rows[-1]["tokens_per_s"]
+    return res
+
+
+SPARSIFY_SCRIPT = """
+import time, torch
+from datasets import Dataset
+from sparsify import SaeConfig, Trainer, TrainConfig
+from mlsae.config import DataConfig
+from mlsae.data import TokenSource
+from mlsae.lm import load_lm
+lm = load_lm("smollm2-135m", "cpu", "float32")
+src = TokenSource(DataConfig(ctx_len=256), lm.tokenizer, lm.eos_id)
+seqs = [s.tolist() for _, s in zip(range(N_SEQ), src.train_sequences(0))]
+ds = Dataset.from_dict({"input_ids": seqs}).with_format("torch", columns=["input_ids"])
+cfg = TrainConfig(SaeConfig(k=32, expansion_factor=8), batch_size=8, layers=list(range(30)),
+                  log_to_wandb=False, save_dir=SAVE, save_every=10**9)
+trainer = Trainer(cfg, ds, lm.model)
+t0 = time.perf_counter()
+trainer.fit()
+print("IN_LOOP_TOKENS_PER_S", N_SEQ * 256 / (time.perf_counter() - t0))
+"""
+
+
+def e2e_sparsify() -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        script = SPARSIFY_SCRIPT.replace("N_SEQ", str(E2E_TOKENS // CTX)).replace(
+            "SAVE", repr(f"{tmp}/sp"))
+        return _whole_process([sys.executable, "-c", script])
+
+
+E2E = {"e2e_mlsae_no_eval": lambda: e2e_mlsae(0),
+       "e2e_mlsae_default_eval": lambda: e2e_mlsae(20_000),
+       "e2e_sparsify": e2e_sparsify}
+
+
 VARIANTS = {"lm_only_w1": variant_lm_only, "mlsae_w1": variant_mlsae_w1,
             "sparsify_w1": variant_sparsify_w1,
             "sparsify_w1_malloc": lambda steps: variant_sparsify_w1(steps, keep_memory=True),
@@ -198,7 +267,22 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--variant", choices=sorted(VARIANTS))
     ap.add_argument("--skip", default="", help="comma-separated variants to skip")
+    ap.add_argument("--e2e", action="store_true", help="whole processes instead: `mlsae "
+                    f"train` and a sparsify script, {E2E_TOKENS} W1 tokens each")
     args = ap.parse_args()
+    if args.e2e:
+        res = {}
+        for name, fn in E2E.items():
+            res[name] = fn()
+            print(name, json.dumps(res[name]), flush=True)
+        sp = res["e2e_sparsify"]
+        for name in ("e2e_mlsae_no_eval", "e2e_mlsae_default_eval"):
+            m = res[name]
+            if "wall_s" in m and "wall_s" in sp:
+                print(f"{name}: whole process {sp['wall_s'] / m['wall_s']:.2f}x sparsify's "
+                      f"speed ({m['wall_s']:.0f} vs {sp['wall_s']:.0f} s), peak "
+                      f"{m['peak_gb']:.2f} vs {sp['peak_gb']:.2f} GB")
+        return
     if args.variant:
         print("RESULT " + json.dumps(VARIANTS[args.variant](args.steps)))
         return
