@@ -1,5 +1,10 @@
 """`mlsae compare`: the MLSAE against single-layer SAEs, layer by layer (FVU, dCE, L0).
-Uses evaluate, runs and plots.
+Uses evaluate, runs, plots, formats and the SAE.
+
+The baselines may be SAEs trained elsewhere: any folder `mlsae.formats` reads (a sparsify run
+folder, SAELens folders, the seed paper's) counts; those are copied as mlsae checkpoints into
+`out_dir/imported_baselines/<name>/` carrying the MLSAE's data settings, so they are scored
+on the same held-out text and positions.
 
 Reads `eval.json` of the MLSAE and of every single-layer checkpoint directly under the
 baselines folder (e.g. `layer_<l>/` from `mlsae baselines`). A checkpoint without eval.json
@@ -52,6 +57,41 @@ def baseline_folders(root: Path) -> dict[int, Path]:
         raise UserError(f"{str(root)!r} holds no single-layer SAE checkpoint (run mlsae "
                         "baselines first)")
     return dict(sorted(found.items()))
+
+
+def imported_baselines(folders: dict[int, Path], mlsae, work: Path) -> dict[int, Path]:
+    """Baselines in another format (sparsify, SAELens, the seed paper's) as mlsae checkpoints
+    under `work/<name>/` that carry the MLSAE's data settings (`run`, excluded positions), so
+    they are evaluated on the MLSAE's own held-out text and positions; mlsae's own baselines
+    are used in place. A copy is rewritten (and its eval.json dropped) only when the source's
+    weights changed."""
+    import filecmp
+    import shutil
+    import tempfile
+
+    from mlsae.sae import MLSAE
+
+    out = {}
+    for layer, folder in folders.items():
+        if detect(folder) == "mlsae":
+            out[layer] = folder
+            continue
+        sae = MLSAE.from_pretrained(folder)
+        sae.config.update({key: mlsae.config[key] for key in
+                           ("run", "exclude_first", "exclude_special") if key in mlsae.config})
+        sae.config["model"] = sae.config.get("model") or mlsae.config.get("model")
+        sae.config["imported_from"] = str(folder)
+        dest = work / folder.name
+        work.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=work) as tmp:
+            sae.save_pretrained(tmp)
+            same = (dest / "model.safetensors").is_file() and filecmp.cmp(
+                Path(tmp) / "model.safetensors", dest / "model.safetensors", shallow=False)
+            if not same:
+                shutil.rmtree(dest, ignore_errors=True)
+                shutil.copytree(tmp, dest)
+        out[layer] = dest
+    return out
 
 
 class _Evaluations:
@@ -124,12 +164,13 @@ def compare(mlsae_dir: str | Path, baselines_dir: str | Path, out_dir: str | Pat
     mlsae_dir, root = Path(mlsae_dir), Path(baselines_dir)
     load_sae(mlsae_dir)  # a missing or broken checkpoint fails here, before any work
     folders = baseline_folders(root)
+    out = Path(out_dir) if out_dir is not None else mlsae_dir
+    folders = imported_baselines(folders, load_sae(mlsae_dir), out / "imported_baselines")
     evals = _Evaluations(opts or TextOptions(), "zero", lm, progress)
     mlsae = evals.get(mlsae_dir)
     evals.follow(mlsae)
     base = {layer: evals.get(folder) for layer, folder in folders.items()}
     rows = comparison_rows(mlsae, base)
-    out = Path(out_dir) if out_dir is not None else mlsae_dir
     out.mkdir(parents=True, exist_ok=True)
     with (out / "compare.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS)

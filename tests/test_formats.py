@@ -297,3 +297,63 @@ def test_missing_checkpoint_is_file_not_found(tmp_path):
     assert issubclass(NotFound, UserError) and issubclass(UserError, ValueError)
     with pytest.raises(FileNotFoundError):
         read(tmp_path / "nope")
+
+
+# ---- compare against a baseline trained by sparsify ------------------------------------------
+@needs_sparsify
+def test_compare_against_sparsify_trained_baseline(tiny_lm, tiny_model_dir, text_file,
+                                                   tmp_path):
+    """`compare RUN SPARSIFY_RUN`: sparsify's own Trainer trains single-layer SAEs on layers 0
+    and 1 of the tiny LM; compare reads its folders (model.layers.<l>/cfg.json +
+    sae.safetensors, here layers.<l>/) as the baselines, and its baseline FVU equals an independent
+    computation with sparsify's own forward on the same held-out text."""
+    from datasets import Dataset
+    from sparsify import SaeConfig, SparseCoder, Trainer
+    from sparsify import TrainConfig as SpTrainConfig
+
+    from mlsae import DataConfig, SAEConfig, TrainConfig
+    from mlsae.compare import compare
+    from mlsae.data import include_mask
+    from mlsae.options import TextOptions
+    from mlsae.runs import eval_batches
+    from mlsae.train import RunConfig, train
+
+    run = tmp_path / "run"
+    train(RunConfig(SAEConfig(expansion_factor=2, k=4),
+                    DataConfig(dataset=str(text_file), ctx_len=32),
+                    TrainConfig(model=str(tiny_model_dir), layers="0,1", tokens=4 * 32 * 4,
+                                batch_size=4, eval_tokens=0, dead_tokens=100, out=str(run))),
+          lm=tiny_lm, progress=False)
+    mlsae_sae = MLSAE.from_pretrained(run)
+    opts = TextOptions(tokens=256, batch_size=4)
+    _, held_out, _ = eval_batches(mlsae_sae, tiny_lm, opts)
+    train_ids = torch.cat(held_out)[:, :].tolist()  # any token sequences will do
+    ds = Dataset.from_dict({"input_ids": train_ids * 4}).with_format("torch",
+                                                                     columns=["input_ids"])
+    sp_cfg = SpTrainConfig(SaeConfig(k=4, expansion_factor=2), batch_size=4, layers=[0, 1],
+                           log_to_wandb=False, save_dir=str(tmp_path / "sp"), run_name="run")
+    Trainer(sp_cfg, ds, tiny_lm.model).fit()
+    sp_root = tmp_path / "sp" / "run"
+    hooks = sorted(p.name for p in sp_root.iterdir() if (p / "sae.safetensors").is_file())
+    assert hooks == ["layers.0", "layers.1"]
+
+    res = compare(run, sp_root, opts=opts, lm=tiny_lm, progress=False)
+    rows = {r["layer"]: r for r in res["rows"]}
+    assert set(rows) == {0, 1}
+    data_cfg, batches, _ = eval_batches(mlsae_sae, tiny_lm, opts)
+    for layer in (0, 1):
+        sp = SparseCoder.load_from_disk(sp_root / f"layers.{layer}")
+        err = var_sum = 0.0
+        xs = []
+        for ids in batches:
+            mask = include_mask(ids, tiny_lm.special_ids, data_cfg)
+            xs.append(tiny_lm.resid_post(ids, [layer])[0][mask].float())
+        x = torch.cat(xs)
+        with torch.no_grad():
+            enc = sp.encode(x)
+            x_hat = sp.decode(enc.top_acts, enc.top_indices)
+        err = (x_hat - x).pow(2).sum().item()
+        var_sum = (x - x.mean(0)).pow(2).sum().item()
+        assert rows[layer]["baseline_fvu"] == pytest.approx(err / var_sum, rel=1e-4)
+        assert rows[layer]["mlsae_fvu"] is not None
+    assert (run / "imported_baselines" / "layers.0" / "eval.json").is_file()
