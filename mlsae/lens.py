@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 
 from mlsae import config as C
 from mlsae.activations.capture import batch_activations
-from mlsae.config import DataConfig
+from mlsae.config import DataConfig, resolve_layers
 from mlsae.data import TokenSource, batches
 from mlsae.errors import UserError
 from mlsae.lm import LanguageModel, load_lm
@@ -212,28 +212,31 @@ def kl_rows(target_logp: Tensor, logits: Tensor) -> Tensor:
     return (target_logp.exp() * (target_logp - logq)).sum(-1)
 
 
-def _residuals(lm: LanguageModel, ids: Tensor, data: DataConfig) -> Tensor:
-    """resid_post of every block at the included positions [L, token, d] (float32), as an
-    ordinary tensor that autograd may save."""
-    x, _ = batch_activations(lm, ids, list(range(lm.n_layers)), data)
+def _residuals(lm: LanguageModel, ids: Tensor, data: DataConfig,
+               layers: Sequence[int] | None = None) -> Tensor:
+    """resid_post of `layers` (default all) and then of the last block, at the included
+    positions: [len(layers) + 1, token, d] float32, an ordinary tensor autograd may save."""
+    layers = list(range(lm.n_layers)) if layers is None else list(layers)
+    x, _ = batch_activations(lm, ids, [*layers, lm.n_layers - 1], data)
     return x.clone()
 
 
 @torch.no_grad()
 def lens_kl(lm: LanguageModel, lens: TunedLens | None, seqs: Tensor, data: DataConfig,
             batch_size: int = 8, chunk: int = 256) -> tuple[list[float], int]:
-    """Mean over the included positions of `seqs` of KL(final || lens) per block (nats); the
-    plain logit lens when `lens` is None. Returns (per block, positions)."""
-    n_layers = lm.n_layers
-    sums = torch.zeros(n_layers, dtype=torch.float64)
+    """Mean over the included positions of `seqs` of KL(final || lens) per block of the lens
+    (nats); the plain logit lens on every block when `lens` is None. Returns (per block,
+    positions)."""
+    layers = list(range(lm.n_layers)) if lens is None else lens.layers
+    sums = torch.zeros(len(layers), dtype=torch.float64)
     n = 0
     for ids in batches(iter(seqs), batch_size):
-        x = _residuals(lm, ids, data)
+        x = _residuals(lm, ids, data, layers)
         for s in range(0, x.shape[1], chunk):
             xs = x[:, s:s + chunk]
             target = torch.log_softmax(lm.unembed(xs[-1]).float(), -1)
-            for i in range(n_layers):
-                h = xs[i] if lens is None or i not in lens.layers else lens(xs[i], i)
+            for i, layer in enumerate(layers):
+                h = xs[i] if lens is None else lens(xs[i], layer)
                 sums[i] += kl_rows(target, lm.unembed(h)).double().sum().cpu()
         n += x.shape[1]
     return (sums / max(n, 1)).tolist(), n
@@ -242,9 +245,11 @@ def lens_kl(lm: LanguageModel, lens: TunedLens | None, seqs: Tensor, data: DataC
 def train_lens(model: str | LanguageModel, tokens: int, out: str | Path,
                data: DataConfig | None = None, batch_size: int = 8, lr: float = 1e-3,
                positions: int = 256, eval_tokens: int = 4096, seed: int = 0,
-               device: str = "auto", dtype: str = "float32", progress: bool = True) -> dict:
-    """Train a tuned lens for every block of `model` on `tokens` packed training tokens and
-    write DIR/config.json + DIR/lens.safetensors. Returns the config (with the KL table)."""
+               device: str = "auto", dtype: str = "float32", progress: bool = True,
+               layers: str = "all") -> dict:
+    """Train a tuned lens for the blocks `layers` (default every block) of `model` on `tokens`
+    packed training tokens and write DIR/config.json + DIR/lens.safetensors. Returns the
+    config (with the KL table)."""
     data = data or DataConfig()
     out = Path(out)
     if (out / WEIGHTS).exists():
@@ -255,12 +260,14 @@ def train_lens(model: str | LanguageModel, tokens: int, out: str | Path,
     lm = model if isinstance(model, LanguageModel) else load_lm(model, device, dtype)
     name = model if isinstance(model, str) else lm.name
     n_layers = lm.n_layers
-    lens = TunedLens(range(n_layers), lm.d_model, {"model": name, "n_lm_layers": n_layers})
+    chosen = resolve_layers(layers, n_layers)
+    lens = TunedLens(chosen, lm.d_model, {"model": name, "n_lm_layers": n_layers})
     lens.to(lm.device)
-    train_rows = list(range(n_layers - 1))  # the last block needs no translator
+    # the last block needs no translator: its logit lens is the model's output
+    train_rows = [i for i, layer in enumerate(chosen) if layer < n_layers - 1]
     params = [lens.weight, lens.bias]
     opt = torch.optim.Adam(params, lr=lr)
-    mask = torch.zeros(n_layers, 1, 1, device=lm.device)
+    mask = torch.zeros(len(chosen), 1, 1, device=lm.device)
     mask[train_rows] = 1  # keep the last block's translator at zero
     source = TokenSource(data, lm.tokenizer, lm.eos_id, seed=seed)
     n_steps = max(1, int(tokens) // (batch_size * data.ctx_len))
@@ -269,7 +276,7 @@ def train_lens(model: str | LanguageModel, tokens: int, out: str | Path,
     losses = []
     bar = tqdm(total=n_steps, desc="lens", disable=not progress, dynamic_ncols=True)
     for _, ids in zip(range(n_steps), batches(seqs, batch_size)):
-        x = _residuals(lm, ids, data)
+        x = _residuals(lm, ids, data, chosen)
         if x.shape[1] == 0:
             continue
         pick = torch.randperm(x.shape[1], generator=g)[:positions].to(x.device)
@@ -279,7 +286,7 @@ def train_lens(model: str | LanguageModel, tokens: int, out: str | Path,
         opt.zero_grad(set_to_none=True)
         total = 0.0
         for i in train_rows:  # one layer's graph at a time bounds memory by [positions, vocab]
-            loss = kl_rows(target, lm.unembed(lens(x[i], i))).mean()
+            loss = kl_rows(target, lm.unembed(lens(x[i], chosen[i]))).mean()
             loss.backward()
             total += loss.item()
         lens.weight.grad.mul_(mask)
@@ -293,9 +300,10 @@ def train_lens(model: str | LanguageModel, tokens: int, out: str | Path,
     held = source.eval_sequences(eval_tokens) if eval_tokens > 0 else torch.zeros(0, 1)
     kl: dict = {}
     if len(held):
-        logit, n_pos = lens_kl(lm, None, held, data, batch_size)
+        zero = TunedLens(chosen, lm.d_model).to(lm.device)  # identity: the plain logit lens
+        logit, n_pos = lens_kl(lm, zero, held, data, batch_size)
         tuned, _ = lens_kl(lm, lens, held, data, batch_size)
-        kl = {"layers": list(range(n_layers)), "logit_lens": logit, "tuned_lens": tuned,
+        kl = {"layers": chosen, "logit_lens": logit, "tuned_lens": tuned,
               "tokens": n_pos, "definition": "mean over held-out included positions of "
               "KL(final next-token distribution || lens distribution), nats"}
     meta = {"model": name, "n_lm_layers": n_layers, "tokens": len(losses) * batch_size *
@@ -311,10 +319,9 @@ def format_kl(kl: dict) -> str:
     lines = [f"{'layer':>5} {'logit lens KL':>14} {'tuned lens KL':>14}"]
     for layer, a, b in zip(kl["layers"], kl["logit_lens"], kl["tuned_lens"]):
         lines.append(f"{layer:>5} {a:>14.4f} {b:>14.4f}")
-    la, lb = kl["logit_lens"][:-1], kl["tuned_lens"][:-1]
+    la, lb = kl["logit_lens"], kl["tuned_lens"]
     if la:
-        lines.append(f"{'mean':>5} {sum(la) / len(la):>14.4f} {sum(lb) / len(lb):>14.4f}"
-                     "  (blocks 0..L-2)")
+        lines.append(f"{'mean':>5} {sum(la) / len(la):>14.4f} {sum(lb) / len(lb):>14.4f}")
     return "\n".join(lines)
 
 
@@ -353,7 +360,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     meta = train_lens(args.model, args.tokens, args.out, build_config(C.DataConfig, vars(args)),
                       batch_size=args.batch_size, lr=args.lr, positions=args.positions,
                       eval_tokens=args.eval_tokens, seed=args.seed, device=args.device,
-                      dtype=args.dtype)
+                      dtype=args.dtype, layers=args.layers)
     if meta.get("kl"):
         print(format_kl(meta["kl"]))
     else:
@@ -378,6 +385,8 @@ def add_commands(sub) -> None:
     t.add_argument("--tokens", type=number(int), default=65_536,
                    help="packed training tokens (default: 65536)")
     t.add_argument("--out", required=True, help="lens folder")
+    t.add_argument("--layers", default="all",
+                   help="blocks that get a translator, as for train (default: all)")
     t.add_argument("--batch-size", type=int, default=8, help="sequences per step (default: 8)")
     t.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default: 1e-3)")
     t.add_argument("--positions", type=int, default=256,

@@ -50,8 +50,16 @@ def run_data_config(sae: MLSAE, opts: TextOptions) -> DataConfig:
     return cfg
 
 
-def load_sae(path: str | Path, device: str = "cpu") -> MLSAE:
-    return MLSAE.from_pretrained(path, device=device)
+def load_sae(path: str | Path, device: str = "cpu", lens_ok: bool = False) -> MLSAE:
+    """A run's SAE. A run trained with `--lens` encodes TRANSLATED vectors (mlsae.lens):
+    callers that apply the lens pass `lens_ok=True`; the others refuse such a run with one
+    line rather than report numbers for untranslated inputs."""
+    sae = MLSAE.from_pretrained(path, device=device)
+    if not lens_ok and ((sae.config.get("run") or {}).get("train") or {}).get("lens"):
+        raise UserError(f"{str(path)!r} was trained with --lens: this command does not apply "
+                        "the lens yet (mlsae analyze, examples, report and the held-out "
+                        "summary after training do)")
+    return sae
 
 
 def load_run_lm(sae: MLSAE, opts: TextOptions) -> LanguageModel:

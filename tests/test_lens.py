@@ -177,3 +177,10 @@ def test_analyze_lens_run_encodes_translated_vectors(lens_run, tiny_lm):
         for i in range(3):
             want[i].index_add_(0, code.idx[i].reshape(-1), code.acts[i].reshape(-1).double())
     torch.testing.assert_close(totals, want, rtol=1e-5, atol=1e-4)
+
+
+def test_commands_without_lens_support_refuse_lens_runs(lens_run, capsys):
+    from mlsae.cli import main
+    run, _ = lens_run
+    assert main(["eval", str(run), "--tokens", "64"]) == 2
+    assert "trained with --lens" in capsys.readouterr().err

@@ -115,7 +115,7 @@ class RunCodes:
 def open_run(run: str | Path, opts: TextOptions, lm: LanguageModel | None = None) -> RunCodes:
     """Load a run's SAE and its LM (or check the given `lm` against it); exact float32 top-k."""
     check_text_options(opts)
-    sae = load_sae(require_run_dir(run))
+    sae = load_sae(require_run_dir(run), lens_ok=True)
     if lm is None:
         lm = load_run_lm(sae, opts)
     else:

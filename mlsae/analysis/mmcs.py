@@ -65,7 +65,7 @@ DEFAULT_CHUNK = 1024
 
 def load_decoder(checkpoint: str | Path, device: str = "cpu") -> Tensor:
     """W_dec [n_latents, d_model] of a checkpoint folder or hub id."""
-    return load_sae(checkpoint, device=device).W_dec.detach()
+    return load_sae(checkpoint, device=device, lens_ok=True).W_dec.detach()
 
 
 def mmcs(a: str | Path, b: str | Path | None = None, chunk: int = DEFAULT_CHUNK,
