@@ -357,3 +357,41 @@ def test_compare_against_sparsify_trained_baseline(tiny_lm, tiny_model_dir, text
         assert rows[layer]["baseline_fvu"] == pytest.approx(err / var_sum, rel=1e-4)
         assert rows[layer]["mlsae_fvu"] is not None
     assert (run / "imported_baselines" / "layers.0" / "eval.json").is_file()
+
+
+def test_seed_repo_from_a_stand_in_hub(tmp_path, monkeypatch):
+    """A hub repo id in the seed's naming convention: the files come through
+    snapshot_download (a local stand-in here), the model from the id, all its layers."""
+    import huggingface_hub
+
+    import mlsae.lm
+
+    write_seed(tmp_path / "snap", d=32)
+    seen = {}
+
+    def fake_download(repo_id, revision=None, allow_patterns=None):
+        seen.update(repo_id=repo_id, revision=revision, patterns=allow_patterns)
+        return str(tmp_path / "snap")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    monkeypatch.setattr(mlsae.lm, "peek_shape", lambda name, revision=None: (6, 32))
+    sae = MLSAE.from_pretrained("tim-lawson/mlsae-pythia-70m-deduped-x4-k8", revision="v1")
+    assert seen["repo_id"] == "tim-lawson/mlsae-pythia-70m-deduped-x4-k8"
+    assert seen["revision"] == "v1" and "config.json" in seen["patterns"]
+    assert sae.config["model"] == "EleutherAI/pythia-70m-deduped"
+    assert sae.layers == list(range(6)) and sae.config["source_format"] == "seed"
+
+
+def test_cli_convert_then_eval(tmp_path, tiny_model_dir, text_file, capsys):
+    write_seed(tmp_path / "seed")
+    out = tmp_path / "conv"
+    code = main(["convert", str(tmp_path / "seed"), "--out", str(out), "--model",
+                 str(tiny_model_dir), "--layers", "1,2"])
+    assert code == 0, capsys.readouterr().err
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["norm_convention"] == "unbiased_eps_div" and cfg["layers"] == [1, 2]
+    code = main(["eval", str(out), "--dataset", str(text_file), "--tokens", "128",
+                 "--batch-size", "4", "--ctx-len", "32", "--device", "cpu"])
+    assert code == 0, capsys.readouterr().err
+    res = json.loads((out / "eval.json").read_text())
+    assert res["layers"] == [1, 2] and len(res["per_layer"]["fvu"]) == 2
