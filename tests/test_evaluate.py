@@ -242,6 +242,7 @@ def test_bad_input_is_one_line_exit_2(run, tmp_path, narrow_model_dir, shallow_m
         (["eval", str(run), "--layers", "2"], "layer 2 is not in the checkpoint (its "
          "layers: 0,1)"),
         (["eval", str(run), "--layers", "x"], "--layers 'x' is malformed"),
+        (["eval", str(run), "--replace", "0,5"], "--replace: layer 5 is not in the checkpoint"),
         (["eval", str(run), "--batch-size", "0"], "--batch-size must be positive"),
         (["baselines", str(run), "--layers", "3"], "layer 3 is not in the checkpoint"),
         (["baselines", str(broken)], "missing model.safetensors"),
@@ -257,3 +258,206 @@ def test_bad_input_is_one_line_exit_2(run, tmp_path, narrow_model_dir, shallow_m
     with pytest.raises(SystemExit) as e:
         main(["eval", str(run), "--ablation", "one"])
     assert e.value.code == 2 and len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+# ---- chunked head (issue 11.6) and multi-layer replacement (issue 14.2) ----------------------
+def _lm_with_vocab(arch, vocab, softcap=None, n_layers=3):
+    from conftest import tiny_config
+    from transformers import AutoModelForCausalLM
+
+    from mlsae.lm import wrap_model
+
+    cfg = tiny_config(arch, n_layers=n_layers)
+    cfg.vocab_size = vocab
+    if softcap is not None:
+        cfg.final_logit_softcapping = softcap
+    torch.manual_seed(1)
+    model = AutoModelForCausalLM.from_config(cfg)
+    from conftest import byte_tokenizer
+    return wrap_model(model, byte_tokenizer(), f"tiny-{arch}-{vocab}")
+
+
+def _batches(vocab, n=2, batch=3, seq=24, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, min(vocab, 256), (batch, seq), generator=g)
+        ids[0, 5] = 257  # an EOS inside the text: excluded, but a CE target of position 4
+        out.append(ids)
+    return out
+
+
+def _full_logits_stats(sae, lm, layers, batches, data_cfg, ablation):
+    """The computation before issue 11.6: full [batch, seq, vocab] logits per splice."""
+    n, clean_sum = 0, 0.0
+    recon_sum, zero_sum, kl_sum = [0.0] * len(layers), [0.0] * len(layers), [0.0] * len(layers)
+    with torch.no_grad():
+        for ids in batches:
+            mask = include_mask(ids, lm.special_ids, data_cfg)
+            pos, targets = mask[:, :-1], ids[:, 1:][mask[:, :-1]]
+            resid = lm.resid_post(ids, layers)
+            logp = lm.logits_from(ids, layers[-1], resid[-1])[:, :-1][pos].log_softmax(-1)
+            n += int(pos.sum())
+            clean_sum += -logp.gather(1, targets[:, None]).sum().item()
+            for i, layer in enumerate(layers):
+                spliced = resid[i].clone()
+                spliced[mask] = sae(resid[i][mask]).x_hat
+                logq = lm.logits_from(ids, layer, spliced)[:, :-1][pos].log_softmax(-1)
+                recon_sum[i] += -logq.gather(1, targets[:, None]).sum().item()
+                kl_sum[i] += (logp.exp() * (logp - logq)).sum().item()
+                spliced[mask] = ablation[i]
+                logz = lm.logits_from(ids, layer, spliced)[:, :-1][pos].log_softmax(-1)
+                zero_sum[i] += -logz.gather(1, targets[:, None]).sum().item()
+    return {"ce_clean": clean_sum / n, "ce_recon": [v / n for v in recon_sum],
+            "ce_zero": [v / n for v in zero_sum], "kl": [v / n for v in kl_sum], "n": n}
+
+
+@pytest.mark.parametrize("arch,vocab,softcap", [("llama", 259, None),
+                                                ("gemma3", 50_000, 30.0)])
+def test_chunked_ce_kl_equal_full_logits(arch, vocab, softcap, monkeypatch):
+    """CE and KL from the last block's resid_post, unembedded a few positions at a time (and
+    a few layers per group), equal the full-logits computation to float tolerance."""
+    import mlsae.evaluate as ev
+
+    lm = _lm_with_vocab(arch, vocab, softcap)
+    if softcap is not None:  # the soft-capping is active: logits beyond the cap are squashed
+        assert lm.model.config.final_logit_softcapping == softcap
+    layers, data_cfg = [0, 1, 2], DataConfig(ctx_len=24)
+    batches = _batches(vocab)
+    torch.manual_seed(2)
+    sae = MLSAE(32, 64, 4)
+    ablation = torch.randn(3, 32)
+    want = _full_logits_stats(sae, lm, layers, batches, data_cfg, ablation)
+    # 5 rows per chunk and one layer per group: several chunks and groups per batch
+    monkeypatch.setattr(ev, "CHUNK_BYTES", 5 * 4 * vocab)
+    monkeypatch.setattr(ev, "HIDDEN_BYTES", 2 * 60 * 32 * 4)
+    rec, ce, rep = ev.evaluate_batches(sae, lm, layers, batches, data_cfg, ablation,
+                                       progress=False)
+    got = ce.result()
+    assert rep is None and ce.n == want["n"]
+    assert got["ce_clean"][0] == pytest.approx(want["ce_clean"], rel=1e-5)
+    for key in ("ce_recon", "ce_zero"):
+        assert got[key] == pytest.approx(want[key], rel=1e-5), key
+    assert got["kl"] == pytest.approx(want["kl"], rel=1e-4, abs=1e-7)
+    assert min(want["kl"]) > 0
+
+
+def test_head_that_does_not_split_falls_back_to_full_logits(tiny_lm, monkeypatch):
+    """A model whose unembed does not reproduce its logits is evaluated from full logits."""
+    import mlsae.evaluate as ev
+
+    layers, data_cfg, batches = [1, 3], DataConfig(ctx_len=24), _batches(259, n=1)
+    torch.manual_seed(3)
+    sae, ablation = MLSAE(32, 64, 4), torch.zeros(2, 32)
+    want = _full_logits_stats(sae, tiny_lm, layers, batches, data_cfg, ablation)
+    monkeypatch.setattr(type(tiny_lm), "unembed", lambda self, h: h[..., :259] * 0)
+    head = ev._Head(tiny_lm, batches[0])
+    assert not head.split
+    _, ce, _ = ev.evaluate_batches(sae, tiny_lm, layers, batches, data_cfg, ablation,
+                                   progress=False)
+    assert ce.result()["ce_recon"] == pytest.approx(want["ce_recon"], rel=1e-5)
+
+
+def test_curve_counts():
+    from mlsae.evaluate import curve_counts
+
+    assert curve_counts(30) == [1, 4, 7, 11, 14, 17, 20, 24, 27, 30]
+    assert curve_counts(5) == [1, 2, 3, 4, 5] and curve_counts(12, 0) == list(range(1, 13))
+    assert curve_counts(7, 1) == [7] and curve_counts(1) == [1]
+
+
+def _brute_force_replacement(recon, lm, layers, counts, batches, data_cfg):
+    """Hooks on the blocks replace each chosen block's output at the included positions by its
+    reconstruction, in one plain forward per curve point; float64 log-softmax."""
+    out = {}
+    for n in counts:
+        ce_sum, kl_sum, clean_sum, n_pos = 0.0, 0.0, 0.0, 0
+        for ids in batches:
+            mask = include_mask(ids, lm.special_ids, data_cfg)
+
+            def hook(module, args, output, layer=None, mask=mask):
+                h = output[0] if isinstance(output, tuple) else output
+                h = h.clone()
+                h[mask] = recon(layer, h[mask])
+                return (h,) + tuple(output[1:]) if isinstance(output, tuple) else h
+
+            with torch.no_grad():
+                clean = lm.model(ids).logits.double().log_softmax(-1)
+                handles = [lm.blocks[v].register_forward_hook(
+                    lambda m, a, o, v=v: hook(m, a, o, layer=v)) for v in layers[:n]]
+                try:
+                    repl = lm.model(ids).logits.double().log_softmax(-1)
+                finally:
+                    for h in handles:
+                        h.remove()
+            pos, targets = mask[:, :-1], ids[:, 1:][mask[:, :-1]]
+            p, q = clean[:, :-1][pos], repl[:, :-1][pos]
+            clean_sum += -p.gather(1, targets[:, None]).sum().item()
+            ce_sum += -q.gather(1, targets[:, None]).sum().item()
+            kl_sum += (p.exp() * (p - q)).sum().item()
+            n_pos += int(pos.sum())
+        out[n] = {"ce": ce_sum / n_pos, "kl": kl_sum / n_pos, "ce_clean": clean_sum / n_pos}
+    return out
+
+
+def test_replacement_matches_brute_force_hooks(tiny_lm):
+    import mlsae.evaluate as ev
+
+    data_cfg, batches = DataConfig(ctx_len=24), _batches(259)
+    torch.manual_seed(4)
+    sae = MLSAE(32, 64, 4)
+    replace, counts = [0, 2, 3], [1, 2, 3]
+    _, ce, rep = ev.evaluate_batches(sae, tiny_lm, [0, 1], batches, data_cfg,
+                                     torch.zeros(2, 32), progress=False, replace=replace,
+                                     curve=counts)
+    res = rep.result()
+    want = _brute_force_replacement(lambda _l, x: sae(x).x_hat, tiny_lm, replace, counts,
+                                    batches, data_cfg)
+    assert res["layers"] == replace and [p["n_layers"] for p in res["curve"]] == counts
+    assert [p["layers"] for p in res["curve"]] == [[0], [0, 2], [0, 2, 3]]
+    assert res["ce_clean"] == pytest.approx(want[3]["ce_clean"], rel=1e-5)
+    for pt in res["curve"]:
+        assert pt["ce"] == pytest.approx(want[pt["n_layers"]]["ce"], rel=1e-5)
+        assert pt["kl"] == pytest.approx(want[pt["n_layers"]]["kl"], rel=1e-4)
+    assert res["ce_replaced"] == res["curve"][-1]["ce"] and res["kl"] == res["curve"][-1]["kl"]
+    assert res["dce"] == pytest.approx(res["ce_replaced"] - res["ce_clean"])
+    # one layer replaced is the single-layer splice of that layer
+    assert res["curve"][0]["ce"] == pytest.approx(ce.result()["ce_recon"][0], rel=1e-6)
+    # free-running differs from replacing each layer in the CLEAN stream (errors compound)
+    assert res["curve"][-1]["kl"] > res["curve"][0]["kl"]
+
+
+def test_replacement_with_per_layer_saes_and_identity(tiny_lm):
+    """Each layer by its own SAE (the baselines' curve) against the brute force; an identity
+    reconstruction changes nothing."""
+    import mlsae.evaluate as ev
+
+    data_cfg, batches = DataConfig(ctx_len=24), _batches(259, n=1)
+    torch.manual_seed(5)
+    saes = {1: MLSAE(32, 64, 4), 3: MLSAE(32, 64, 8)}
+    _, _, rep = ev.evaluate_batches(saes[1], tiny_lm, [], batches, data_cfg, torch.zeros(0, 32),
+                                    progress=False, replace=[1, 3], recon=ev.saes_recon(saes))
+    want = _brute_force_replacement(lambda v, x: saes[v](x).x_hat, tiny_lm, [1, 3], [1, 2],
+                                    batches, data_cfg)
+    for pt in rep.result()["curve"]:
+        assert pt["ce"] == pytest.approx(want[pt["n_layers"]]["ce"], rel=1e-5)
+    _, _, same = ev.evaluate_batches(saes[1], tiny_lm, [], batches, data_cfg, torch.zeros(0, 32),
+                                     progress=False, replace=[0, 1, 2, 3],
+                                     recon=lambda _l, x: x)
+    r = same.result()
+    assert r["dce"] == 0.0 and r["kl"] == 0.0 and r["curve"][0]["ce"] == r["ce_clean"]
+
+
+def test_cli_eval_replace(run, tmp_path, capsys):
+    out = tmp_path / "e.json"
+    assert main(["eval", str(run), "--tokens", "256", "--batch-size", "4", "--out", str(out),
+                 "--replace", "all"]) == 0
+    printed = capsys.readouterr().out
+    res = json.loads(out.read_text())
+    rep = res["replacement"]
+    assert set(rep) == {"layers", "ce_clean", "ce_replaced", "dce", "kl", "curve"}
+    assert rep["layers"] == [0, 1] and [p["n_layers"] for p in rep["curve"]] == [1, 2]
+    assert set(rep["curve"][0]) == {"n_layers", "layers", "ce", "kl"}
+    assert rep["ce_clean"] == pytest.approx(res["per_layer"]["ce_clean"][0])
+    assert rep["curve"][0]["ce"] == pytest.approx(res["per_layer"]["ce_recon"][0], rel=1e-6)
+    assert "replacement of layers 0,1 at once" in printed
