@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     "mlsae.analysis.resid_sim",
     "mlsae.analysis.mmcs",
     "mlsae.analysis.examples",
+    "mlsae.analysis.features",
     "mlsae.analysis.report",
     "mlsae.synth",
     "mlsae.lens",
