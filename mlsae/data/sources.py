@@ -24,7 +24,7 @@ from pathlib import Path
 from mlsae.errors import UserError, first_line
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
-TXT_PIECE = 1 << 20  # bytes per .txt piece (cut after the last line break in it)
+TXT_PIECE = 1 << 18  # bytes per .txt piece (cut after the last line break in it)
 BUILTIN_TEXT = ("pydoc", "python", "python-source")
 # Folders of the standard library skipped by `python` and `python-source`: test suites
 # (fixtures in odd encodings, generated data) and installed third-party packages.
