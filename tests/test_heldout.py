@@ -4,7 +4,6 @@ against an independent re-packing of the run's text; and a run trained from an a
 cache takes the cache's split."""
 
 import pytest
-import torch
 from conftest import byte_tokenizer, save_tiny_model
 
 from mlsae.config import DataConfig, RunConfig, SAEConfig, TrainConfig
