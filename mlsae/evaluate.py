@@ -60,10 +60,12 @@ from mlsae.lm import LanguageModel
 from mlsae.metrics import ReconstructionStats
 from mlsae.options import TextOptions, add_text_options, text_options
 from mlsae.runs import check_lm_matches, eval_batches, load_run_lm, load_sae, sae_layers
+from mlsae.runtime import freed_memory_kept
 from mlsae.sae import MLSAE
 
 ABLATIONS = ("zero", "mean")
-CHUNK_BYTES = 64 * 2**20  # one float32 [positions, vocab] chunk of log-probabilities
+CHUNK_BYTES = 16 * 2**20  # one float32 [positions, vocab] chunk of log-probabilities
+CHUNK_MIN_ROWS = 64  # ... but at least this many positions (64 MB at a 262k vocabulary)
 HIDDEN_BYTES = 256 * 2**20  # final hidden states kept per batch before their CE/KL is taken
 CURVE_POINTS = 10
 
@@ -217,7 +219,7 @@ class _Head:
         except Exception:  # noqa: BLE001 - any failure means: do not split the head
             self.split = False
         self.vocab = want.shape[-1]
-        self.rows = max(1, CHUNK_BYTES // (4 * self.vocab))
+        self.rows = max(CHUNK_MIN_ROWS, CHUNK_BYTES // (4 * self.vocab))
 
     def hidden_from(self, ids: Tensor, layer: int, resid: Tensor) -> Tensor:
         if self.split:
@@ -398,7 +400,7 @@ def evaluate(checkpoint: str | Path, opts: TextOptions, out: str | Path | None =
         values = layer_means(lm, chosen, batch_list, data_cfg).to(lm.device)
     else:
         values = torch.zeros(len(chosen), lm.d_model, device=lm.device)
-    with outlier_tally() as tally:
+    with outlier_tally() as tally, freed_memory_kept():
         rec, ce, rep = evaluate_batches(sae, lm, chosen, batch_list, data_cfg, values, progress,
                                         replace=replaced, curve=counts)
     if rec.n == 0:

@@ -330,6 +330,7 @@ def test_chunked_ce_kl_equal_full_logits(arch, vocab, softcap, monkeypatch):
     want = _full_logits_stats(sae, lm, layers, batches, data_cfg, ablation)
     # 5 rows per chunk and one layer per group: several chunks and groups per batch
     monkeypatch.setattr(ev, "CHUNK_BYTES", 5 * 4 * vocab)
+    monkeypatch.setattr(ev, "CHUNK_MIN_ROWS", 1)
     monkeypatch.setattr(ev, "HIDDEN_BYTES", 2 * 60 * 32 * 4)
     rec, ce, rep = ev.evaluate_batches(sae, lm, layers, batches, data_cfg, ablation,
                                        progress=False)
