@@ -36,6 +36,8 @@ import torch
 from mlsae.analysis.analyze import DEFINITIONS, SEED_DOC, load_dists
 from mlsae.analysis.codes import require_run_dir
 from mlsae.analysis.examples import DB_NAME, show_examples
+from mlsae.analysis.features import feature_html
+from mlsae.analysis.findings import comparison, findings
 from mlsae.analysis.layer_dist import layer_entropy, layer_moments, layer_probs, n_active_layers
 from mlsae.errors import UserError
 
@@ -230,6 +232,14 @@ def prompts_section(run: Path, out: Path) -> str:
     return "".join(parts)
 
 
+def findings_section(run: Path, compare: Sequence[Path], resid_sim_dir: Path) -> str:
+    """The paper's findings with this run's numbers, and runs side by side (`--compare`)."""
+    items = "".join(f"<li>{esc(s)}</li>" for s in findings(run, list(compare), resid_sim_dir))
+    header, rows = comparison([run, *compare])
+    return ("<h2>Findings</h2><ul>" + items + "</ul>"
+            + (table(header, rows, left=(0, len(header) - 1)) if rows else ""))
+
+
 def resid_sim_section(out: Path, folder: Path) -> str:
     head = "<h2>Residual-stream similarity</h2>"
     if not (folder / "resid_sim.png").is_file():
@@ -295,7 +305,8 @@ def latent_card(run: Path, out: Path, latent: int, counts: torch.Tensor, totals:
         parts.append(f"<p class=note>Top examples at layer {layers[peak]} (boxed: the max "
                      "token; shading: this latent's activation there):</p>")
         parts += [example_html(ex) for ex in found] or ["<p class=note>none stored</p>"]
-    return "".join(parts) + "</div></div></div>"
+    feature_view = feature_html(run, out, latent, has_examples=has_examples)
+    return "".join(parts) + "</div></div>" + feature_view + "</div>"
 
 
 def latents_section(run: Path, out: Path, n: int) -> str:
@@ -319,7 +330,8 @@ def latents_section(run: Path, out: Path, n: int) -> str:
 
 # ---- the command ----------------------------------------------------------------------------
 def report(run: str | Path, out: str | Path | None = None,
-           resid_sim_dir: str | Path | None = None, n_latents: int = 3) -> Path:
+           resid_sim_dir: str | Path | None = None, n_latents: int = 3,
+           compare: Sequence[str | Path] = ()) -> Path:
     """Write the report (module docstring); returns the path of index.html."""
     run = require_run_dir(run)
     if n_latents < 0:
@@ -331,6 +343,8 @@ def report(run: str | Path, out: str | Path | None = None,
         f"<h1>MLSAE report: {esc(run.name)}</h1><p class=note>{esc(run.resolve())} &middot; "
         f"generated {esc(time.strftime('%Y-%m-%d %H:%M'))}</p>",
         config_section(run, cfg), training_section(run, out), eval_section(run),
+        findings_section(run, [require_run_dir(c) for c in compare],
+                         Path(resid_sim_dir) if resid_sim_dir else run / "analysis"),
         analysis_section(run, out), prompts_section(run, out),
         resid_sim_section(out, Path(resid_sim_dir) if resid_sim_dir else run / "analysis"),
         latents_section(run, out, n_latents),
@@ -344,7 +358,7 @@ def report(run: str | Path, out: str | Path | None = None,
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    print(f"wrote {report(args.run, args.out, args.resid_sim, args.latents)}")
+    print(f"wrote {report(args.run, args.out, args.resid_sim, args.latents, args.compare)}")
     return 0
 
 
@@ -359,6 +373,9 @@ def add_commands(sub) -> None:
     p.add_argument("--out", help="report folder (default: <run>/report)")
     p.add_argument("--resid-sim", metavar="DIR", help="folder with resid_sim.png/json "
                    "(default: <run>/analysis)")
+    p.add_argument("--compare", action="append", default=[], metavar="RUN",
+                   help="another run shown side by side in the findings (e.g. the same "
+                   "setup with --lens); repeatable")
     p.add_argument("--latents", type=int, default=3,
                    help="latents shown per group (most multi-layer, most single-layer; "
                    "default: 3)")
