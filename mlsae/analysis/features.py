@@ -183,6 +183,58 @@ def density_figure(density: list[list[int]], edges: list[float], layers: list[in
     plt.close(fig)
 
 
+def feature_html(run: str | Path, out: Path, latent: int, per_layer: int = 1,
+                 has_examples: bool = True) -> str:
+    """The report's feature view of one latent (self-contained HTML; its figure written to
+    `out`): logit effect, activation density per layer, top examples per layer."""
+    import html
+
+    from mlsae.analysis.examples import show_examples
+
+    esc = html.escape
+    parts = []
+    got = read_latent(run, latent)
+    if got is None:
+        parts.append(f"<p class=note>Logit effect and activation density: run <code>mlsae "
+                     f"features {esc(str(run))}</code>.</p>")
+    else:
+        def side(title: str, rows: list) -> str:
+            cells = "".join(f"<tr><td><code>{esc(t).replace(chr(10), '&#8629;')}</code></td>"
+                            f"<td>{v:+.2f}</td></tr>" for t, v in rows)
+            return f"<table><tr><th colspan=2>{title}</th></tr>{cells}</table>"
+
+        name = f"latent_{latent}_density.png"
+        density_figure(got["density"], got["bin_edges"], got["layers"], out / name,
+                       f"latent {latent}: nonzero activations per layer")
+        parts.append("<h4>Logit effect</h4><p class=note>W_dec[latent] through the final norm "
+                     "and the unembedding: the next tokens it promotes and suppresses.</p>"
+                     f'<div class="row">{side("promotes", got["top"][:8])}'
+                     f'{side("suppresses", got["bottom"][:8])}</div>'
+                     "<h4>Activation density per layer</h4><p class=note>Histogram of the "
+                     "latent's nonzero activations at each layer (share of the layer's "
+                     f"activations per log-spaced bin), over {got['included_tokens']} "
+                     f'tokens.</p><img src="{name}" alt="activation density of latent '
+                     f'{latent} per layer">')
+    if has_examples:
+        rows = []
+        by_layer: dict[int, list] = {}
+        for ex in show_examples(run, latent):
+            by_layer.setdefault(int(ex["layer"]), []).append(ex)
+        for layer, found in sorted(by_layer.items()):
+            for ex in found[:per_layer]:
+                peak = max(max(ex["context_acts"]), 1e-12)
+                spans = "".join(
+                    f'<{"b" if i == ex["max_index"] else "span"} style="background:rgba(255,'
+                    f'140,0,{min(a / peak, 1):.2f})">{esc(t).replace(chr(10), "&#8629;")}'
+                    f'</{"b" if i == ex["max_index"] else "span"}>'
+                    for i, (t, a) in enumerate(zip(ex["tokens"], ex["context_acts"])))
+                rows.append(f'<div class="ex">layer {layer} &nbsp; {ex["activation"]:.3f} '
+                            f"&nbsp; {spans}</div>")
+        parts.append("<h4>Top examples per layer</h4>"
+                     + ("".join(rows) or "<p class=note>none stored</p>"))
+    return "".join(parts)
+
+
 # ---- CLI ---------------------------------------------------------------------------------
 def _cmd_features(args: argparse.Namespace) -> int:
     res = features(args.run, text_options(args), top=args.top)

@@ -32,6 +32,7 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
+from mlsae.analysis.features import FEATURES, logit_effects, read_latent
 from mlsae.analysis.layer_dist import heatmap_latents, prompt_distribution
 from mlsae.analysis.top_examples import query_examples
 from mlsae.data import include_mask
@@ -211,13 +212,52 @@ class Explorer:
                           decreased=rows((-delta).topk(n).indices))
 
     # ---- analysis files --------------------------------------------------------------------
-    def latent(self, latent: int, layer: int | None, limit: int) -> M.LatentResponse:
+    def latent(self, latent: int, layer: int | None, limit: int,
+               per_layer: int = 3) -> M.LatentResponse:
         self._check_latent(latent, NotFound)
         if layer is not None:
             self._check_layer(layer)
         examples = self._examples(latent, layer, limit)
+        by_layer = []
+        if examples.available:
+            db = self.run_dir / EXAMPLES
+            for c in examples.layers:
+                rows = query_examples(db, latent, c.layer)[:per_layer]
+                with self._lock:
+                    by_layer.append(M.LayerExamples(layer=c.layer,
+                                                    examples=[self._example(r) for r in rows]))
         return M.LatentResponse(latent=latent, distribution=self._distribution(latent),
-                                examples=examples)
+                                examples=examples, logit_effect=self._logit_effect(latent),
+                                density=self._density(latent), examples_by_layer=by_layer)
+
+    def _logit_effect(self, latent: int, top: int = 10) -> M.LogitEffect:
+        """Computed from the LM's own final norm and unembedding (mlsae.analysis.features)."""
+        with self._lock:
+            try:
+                hi_v, hi_i, lo_v, lo_i = logit_effects(
+                    self.lm, self.sae.W_dec.detach()[latent:latent + 1].float(), top)
+            except UserError as e:
+                return M.LogitEffect(available=False, hint=str(e))
+
+            def rows(vals: Tensor, ids: Tensor) -> list[M.TokenValue]:
+                return [M.TokenValue(id=i, text=self.lm.tokenizer.decode([i]), value=v)
+                        for i, v in zip(ids[0].tolist(), vals[0].tolist())]
+
+            return M.LogitEffect(available=True, top=rows(hi_v, hi_i),
+                                 bottom=rows(lo_v, lo_i))
+
+    def _density(self, latent: int) -> M.Density:
+        hint = (f"no {FEATURES}: run `mlsae features {self.run_dir}` for the activation "
+                "density per layer")
+        try:
+            got = read_latent(self.run_dir, latent)
+        except (IndexError, ValueError, RuntimeError):
+            got, hint = None, (f"{FEATURES} does not match this SAE: run `mlsae features "
+                               f"{self.run_dir}` again")
+        if got is None:
+            return M.Density(available=False, hint=hint)
+        return M.Density(available=True, layers=got["layers"], bin_edges=got["bin_edges"],
+                         counts=got["density"], included_tokens=got["included_tokens"])
 
     def _distribution(self, latent: int) -> M.Distribution:
         path = self.run_dir / DISTS

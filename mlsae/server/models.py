@@ -128,10 +128,42 @@ class Examples(BaseModel):
     examples: list[Example] = []
 
 
+class TokenValue(BaseModel):
+    id: int
+    text: str
+    value: float
+
+
+class LogitEffect(BaseModel):
+    available: bool
+    hint: str | None = None
+    top: list[TokenValue] = Field([], description="tokens W_dec[latent] promotes most "
+                                  "(final norm + unembedding, minus the zero vector's logits)")
+    bottom: list[TokenValue] = Field([], description="tokens it suppresses most")
+
+
+class Density(BaseModel):
+    available: bool
+    hint: str | None = None
+    layers: list[int] = []
+    bin_edges: list[float] = Field([], description="activation bin edges (log-spaced)")
+    counts: list[list[int]] = Field([], description="[layer][bin]: nonzero activations")
+    included_tokens: int | None = None
+
+
+class LayerExamples(BaseModel):
+    layer: int
+    examples: list[Example]
+
+
 class LatentResponse(BaseModel):
     latent: int
     distribution: Distribution
     examples: Examples
+    logit_effect: LogitEffect | None = None
+    density: Density | None = None
+    examples_by_layer: list[LayerExamples] = Field([], description="the top examples of "
+                                                   "every layer holding examples")
 
 
 # ---- logits --------------------------------------------------------------------------------

@@ -174,6 +174,62 @@ async function showLatent(latent, layer) {
   if (data.examples.layer !== null) $("steer-layer").value = `${data.examples.layer}`;
   renderDistribution(data.distribution);
   renderExamples(data.examples);
+  renderLogitEffect(data.logit_effect);
+  renderDensity(data.density);
+  renderByLayer(data.examples_by_layer, data.examples);
+}
+
+function renderLogitEffect(le) {
+  if (!le || !le.available) {
+    $("latent-logits").replaceChildren(el("p", { class: "hint" }, le ? le.hint : "unavailable"));
+    return;
+  }
+  const table = (title, rows, cls) => el("table", { class: "logit-table" }, el("caption", {}, title),
+    el("tbody", {}, ...rows.map((r) => el("tr", {}, el("td", {}, showText(r.text)),
+      el("td", { class: cls }, `${r.value >= 0 ? "+" : ""}${fmt(r.value, 2)}`)))));
+  $("latent-logits").replaceChildren(el("p", { class: "help" },
+    "W_dec[latent] through the final norm and the unembedding: the next tokens it promotes and suppresses."),
+  el("div", { class: "cols" }, table("promotes", le.top, "up"), table("suppresses", le.bottom, "down")));
+}
+
+function renderDensity(d) {
+  if (!d || !d.available) {
+    $("latent-density").replaceChildren(el("p", { class: "hint" }, d ? d.hint : "unavailable"));
+    return;
+  }
+  const edges = d.bin_edges;
+  const top = Math.max(...d.counts.flat(), 1);
+  const rows = d.layers.map((layer, i) => {
+    const n = d.counts[i].reduce((a, b) => a + b, 0);
+    return el("div", { class: "density-row" }, el("span", {}, `layer ${layer}`),
+      el("div", { class: "density-bins" }, ...d.counts[i].map((c, b) => el("div", {
+        class: "density-bin", style: `height: ${(100 * c / top).toFixed(1)}%`,
+        title: `layer ${layer}: ${c} activations in [${fmt(edges[b])}, ${fmt(edges[b + 1])})`,
+      }))), el("span", { class: "muted" }, `${n} nonzero`));
+  });
+  const over = d.included_tokens ? ` over ${d.included_tokens} tokens` : "";
+  $("latent-density").replaceChildren(el("p", { class: "help" },
+    `Histogram of the latent's nonzero activations at each layer${over}; bins log-spaced ` +
+    `from ${fmt(edges[0])} to ${fmt(edges[edges.length - 1])}, one height scale for all layers.`), ...rows);
+}
+
+function renderByLayer(groups, ex) {
+  if (!ex.available) {
+    $("latent-by-layer").replaceChildren(el("p", { class: "hint" }, ex.hint));
+    return;
+  }
+  if (!groups.length) {
+    $("latent-by-layer").replaceChildren(el("p", { class: "muted" }, "The latent never fired in the streamed text."));
+    return;
+  }
+  const scale = Math.max(...groups.flatMap((g) => g.examples.map((e) => e.activation)), 1e-12);
+  $("latent-by-layer").replaceChildren(...groups.flatMap((g) => g.examples.map((e) => el("div", { class: "example" },
+    el("span", { class: "meta" }, `layer ${g.layer} · #${e.rank} act ${fmt(e.activation)}`),
+    ...e.tokens.map((text, i) => el("span", {
+      class: i === e.max_index ? "ctx-tok max" : "ctx-tok",
+      style: `background: rgba(234, 88, 12, ${Math.min(e.acts[i] / scale, 1).toFixed(3)})`,
+      title: `activation ${fmt(e.acts[i])}`,
+    }, showText(text)))))));
 }
 
 function renderDistribution(d) {
