@@ -270,6 +270,21 @@ def test_builtin_python_text_is_deterministic():
     assert builtin_documents("python-source") == source
 
 
+def test_python_text_is_kept_in_the_cache_folder(tmp_path, monkeypatch):
+    from mlsae.data import sources
+
+    monkeypatch.setenv("MLSAE_CACHE_DIR", str(tmp_path))
+    path = sources._text_cache("python")
+    assert path.parent == tmp_path / "text" and sources.python_version() in path.name
+    path.parent.mkdir(parents=True)
+    path.write_text('["kept"]')
+    sources.builtin_documents.cache_clear()
+    try:
+        assert sources.builtin_documents("python") == ("kept",)
+    finally:
+        sources.builtin_documents.cache_clear()
+
+
 def test_hub_dataset_streams_splits_and_resumes_from_its_state(tmp_path):
     """A real `datasets` streaming dataset (the packaged json builder on local files, so no
     network): packed and split like any source; a resume restarts from the recorded

@@ -14,7 +14,9 @@ the file), so a file below `TXT_PIECE` bytes tokenizes exactly as the whole file
 from __future__ import annotations
 
 import ast
+import hashlib
 import json
+import os
 import sys
 import sysconfig
 from collections.abc import Iterator
@@ -37,12 +39,22 @@ def _stdlib_files() -> list[tuple[str, Path]]:
     """(module-ish relative path, file) of every .py of the standard library, sorted."""
     root = Path(sysconfig.get_paths()["stdlib"])
     out = []
-    for p in root.rglob("*.py"):
-        rel = p.relative_to(root)
-        if any(part in _SKIP_DIRS or part.startswith("test_") for part in rel.parts):
-            continue
-        out.append((rel.as_posix(), p))
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if d not in _SKIP_DIRS and not d.startswith("test_")]
+        for f in files:
+            if f.endswith(".py") and not f.startswith("test_"):
+                p = Path(folder) / f
+                out.append((p.relative_to(root).as_posix(), p))
     return sorted(out)
+
+
+def _text_cache(name: str) -> Path:
+    """Where the built `python` documents are kept (parsing the standard library takes
+    10-40 s): $MLSAE_CACHE_DIR/text (default ~/.cache/mlsae/text), one file per Python build
+    and standard library folder."""
+    base = Path(os.environ.get("MLSAE_CACHE_DIR") or Path.home() / ".cache" / "mlsae")
+    key = hashlib.sha1(f"{sys.version}|{sysconfig.get_paths()['stdlib']}|{name}|1".encode())
+    return base / "text" / f"{name}-{python_version()}-{key.hexdigest()[:12]}.json"
 
 
 @cache
@@ -50,12 +62,19 @@ def builtin_documents(name: str) -> tuple[str, ...]:
     """Documents of `pydoc` (the pydoc topics), `python` (the pydoc topics, then every
     docstring of the standard library's Python source, one document per module) or
     `python-source` (the standard library's .py files). Same documents in the same order for
-    a given Python version; test suites and site-packages are left out."""
+    a given Python version; test suites and site-packages are left out. `python` is built
+    once per Python build and kept in `_text_cache` (a corrupt or missing file is rebuilt)."""
     from pydoc_data.topics import topics
 
     pydoc = tuple(topics[key] for key in sorted(topics))
     if name == "pydoc":
         return pydoc
+    cache_file = _text_cache(name) if name == "python" else None
+    if cache_file is not None and cache_file.is_file():
+        try:
+            return tuple(json.loads(cache_file.read_text(encoding="utf-8")))
+        except (OSError, ValueError):
+            pass
     docs = []
     for rel, path in _stdlib_files():
         try:
@@ -73,7 +92,17 @@ def builtin_documents(name: str) -> tuple[str, ...]:
         parts = _docstrings(tree, module)
         if parts:
             docs.append("\n\n".join(parts))
-    return pydoc + tuple(docs) if name == "python" else tuple(docs)
+    if name == "python-source":
+        return tuple(docs)
+    out = pydoc + tuple(docs)
+    try:  # best effort: a read-only home only costs the parse next time
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(out), encoding="utf-8")
+        tmp.replace(cache_file)
+    except OSError:
+        pass
+    return out
 
 
 def _docstrings(tree: ast.AST, prefix: str) -> list[str]:
