@@ -88,7 +88,9 @@ def check_lm_matches(sae: MLSAE, lm: LanguageModel) -> None:
 def sae_layers(sae: MLSAE) -> list[int]:
     layers = sae.config.get("layers")
     if not layers:
-        raise UserError("the checkpoint's config.json lists no layers")
+        raise UserError("the checkpoint names no layers (a seed-paper or SAELens checkpoint "
+                        "without a known model: convert it with `mlsae convert SRC --out DIR "
+                        "--model M [--layers L]`)")
     return [int(v) for v in layers]
 
 
