@@ -19,6 +19,8 @@ activations the explorer shows, and it scales with each position's residual norm
 being one fixed vector that is tiny at some positions and huge at others. For scale: a
 standardized vector has norm sqrt(d_model) (24 for SmolLM2), so factor sqrt(d_model) adds a
 vector about as long as the residual's centred part; each answer reports the ratio of norms.
+(An SAE in the seed paper's "unbiased_eps_div" convention un-standardizes with std_t alone:
+`MLSAE.out_scale` gives the factor for either.)
 """
 
 from __future__ import annotations
@@ -179,7 +181,7 @@ class Explorer:
             mask = self._mask(ids).to(resid.device)
             x = resid[0].float()
             std = self.sae.encode(x).std  # [T, 1], the SAE's own per-vector std
-            add = req.factor * (std + self.sae.eps) * self.sae.W_dec[req.latent].float()
+            add = req.factor * self.sae.out_scale(std) * self.sae.W_dec[req.latent].float()
             add = add * mask[0, :, None]  # excluded positions are left alone
             rel = (add.norm(dim=-1) / x.norm(dim=-1).clamp_min(1e-12))[mask[0]]
             logp = self.lm.logits_from(ids, req.layer, (x + add)[None].to(resid.dtype))
