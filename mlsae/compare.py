@@ -17,6 +17,17 @@ Writes in `out_dir` (default: the MLSAE folder):
   compare.csv  layer,mlsae_fvu,baseline_fvu,mlsae_dce,baseline_dce,mlsae_l0,baseline_l0
                one row per layer of either; empty cell where that SAE has no such layer
   compare.png  FVU, dCE and L0 over layers, MLSAE vs single-layer SAEs
+
+Multi-layer replacement (when the MLSAE's eval.json holds `replacement`, or with --replace):
+the layers R = the replaced layers that have a single-layer baseline. The baselines' curve
+replaces each layer of R by its own SAE, free-running (as `mlsae eval --replace`), on the text
+of the MLSAE's eval.json; the MLSAE's curve is its eval.json's when that replaced exactly R,
+else it is computed on R too. Writes
+  compare_replacement.json  `layers`, `dataset`, `tokens`, `mlsae` and `baseline` (each like
+               eval.json's `replacement`: `layers`, `ce_clean`, `ce_replaced`, `dce`, `kl`,
+               `curve` [{`n_layers`, `layers`, `ce`, `kl`}])
+  replacement.csv  n_layers,last_layer,ce_clean,mlsae_ce,baseline_ce,mlsae_kl,baseline_kl
+  replacement.png  dCE and KL of both curves over the deepest replaced layer
 """
 
 from __future__ import annotations
@@ -28,12 +39,22 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import torch
+
 from mlsae.errors import UserError
-from mlsae.evaluate import evaluate
+from mlsae.evaluate import (
+    CURVE_POINTS,
+    curve_counts,
+    evaluate,
+    evaluate_batches,
+    format_layers,
+    saes_recon,
+    select_layers,
+)
 from mlsae.formats import detect, read
 from mlsae.lm import LanguageModel
 from mlsae.options import TextOptions, add_text_options, text_options
-from mlsae.runs import load_run_lm, load_sae
+from mlsae.runs import eval_batches, load_run_lm, load_sae, sae_layers
 
 METRICS = ("fvu", "dce", "l0")
 COLUMNS = ["layer"] + [f"{who}_{m}" for m in METRICS for who in ("mlsae", "baseline")]
@@ -152,12 +173,78 @@ def _mismatch(results: list[dict]) -> str | None:
     return None
 
 
+REPLACEMENT_COLUMNS = ["n_layers", "last_layer", "ce_clean", "mlsae_ce", "baseline_ce",
+                       "mlsae_kl", "baseline_kl"]
+
+
+def replacement_comparison(mlsae_dir: Path, mlsae: dict, folders: dict[int, Path],
+                           evals: _Evaluations, replace: str | None,
+                           curve_points: int) -> dict | None:
+    """The MLSAE's and the baselines' replacement curves on the same layers and text (module
+    docstring); None when nothing asks for it. Raises UserError when no layer has both."""
+    own = mlsae.get("replacement")
+    spec = replace if replace is not None else (own or {}).get("layers")
+    if spec is None:
+        return None
+    sae = load_sae(mlsae_dir)
+    wanted = select_layers(spec, sae_layers(sae), "--replace")
+    layers = [v for v in wanted if v in folders]
+    if not layers:
+        raise UserError(f"--replace: none of the layers {format_layers(wanted)} has a "
+                        f"single-layer baseline (they have {format_layers(list(folders))})")
+    if evals.lm is None:
+        evals.lm = load_run_lm(sae, evals.opts)
+    lm = evals.lm
+    data_cfg, batch_list, tokens = eval_batches(sae, lm, evals.opts)
+    empty = torch.zeros(0, lm.d_model, device=lm.device)
+    if own is not None and own["layers"] == layers:
+        mine, counts = own, [p["n_layers"] for p in own["curve"]]
+    else:
+        counts = curve_counts(len(layers), curve_points)
+        _, _, st = evaluate_batches(sae.to(lm.device), lm, [], batch_list, data_cfg, empty,
+                                    evals.progress, replace=layers, curve=counts)
+        mine = st.result()
+    saes = {v: load_sae(folders[v]).to(lm.device) for v in layers}
+    _, _, st = evaluate_batches(saes[layers[0]], lm, [], batch_list, data_cfg, empty,
+                                evals.progress, replace=layers, curve=counts,
+                                recon=saes_recon(saes))
+    return {"layers": layers, "dataset": mlsae.get("dataset"), "tokens": tokens,
+            "mlsae": mine, "baseline": st.result()}
+
+
+def replacement_rows(rep: dict) -> list[dict]:
+    """One row per curve point of `compare_replacement.json`'s two curves."""
+    rows = []
+    for m, b in zip(rep["mlsae"]["curve"], rep["baseline"]["curve"]):
+        rows.append({"n_layers": m["n_layers"], "last_layer": m["layers"][-1],
+                     "ce_clean": rep["mlsae"]["ce_clean"], "mlsae_ce": m["ce"],
+                     "baseline_ce": b["ce"], "mlsae_kl": m["kl"], "baseline_kl": b["kl"]})
+    return rows
+
+
+def _write_replacement(rep: dict, out: Path) -> dict:
+    from mlsae.plots.eval import replacement_figure
+
+    (out / "compare_replacement.json").write_text(json.dumps(rep, indent=2) + "\n")
+    with (out / "replacement.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=REPLACEMENT_COLUMNS)
+        w.writeheader()
+        w.writerows(replacement_rows(rep))
+    replacement_figure({"MLSAE": rep["mlsae"], "single-layer SAEs": rep["baseline"]},
+                       out / "replacement.png")
+    return {"json": str(out / "compare_replacement.json"), "csv": str(out / "replacement.csv"),
+            "png": str(out / "replacement.png")}
+
+
 def compare(mlsae_dir: str | Path, baselines_dir: str | Path, out_dir: str | Path | None = None,
             opts: TextOptions | None = None, lm: LanguageModel | None = None,
-            progress: bool = True) -> dict:
-    """Compare an MLSAE with its single-layer baselines; writes compare.csv and compare.png.
+            progress: bool = True, replace: str | None = None,
+            curve_points: int = CURVE_POINTS) -> dict:
+    """Compare an MLSAE with its single-layer baselines; writes compare.csv and compare.png,
+    and the replacement comparison when asked (module docstring).
 
-    Returns {"rows", "csv", "png"} and "note" when the evaluations used different text.
+    Returns {"rows", "csv", "png"}, "replacement" ({"data", "json", "csv", "png"}) when
+    computed, and "note" when the evaluations used different text.
     """
     from mlsae.plots.eval import compare_figure
 
@@ -178,6 +265,9 @@ def compare(mlsae_dir: str | Path, baselines_dir: str | Path, out_dir: str | Pat
         w.writerows({k: "" if v is None else v for k, v in row.items()} for row in rows)
     compare_figure(rows, out / "compare.png")
     res = {"rows": rows, "csv": str(out / "compare.csv"), "png": str(out / "compare.png")}
+    rep = replacement_comparison(mlsae_dir, mlsae, folders, evals, replace, curve_points)
+    if rep is not None:
+        res["replacement"] = dict(_write_replacement(rep, out), data=rep)
     note = _mismatch([mlsae, *base.values()])
     if note:
         res["note"] = note
@@ -202,13 +292,31 @@ def format_comparison(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def format_replacement_comparison(rep: dict) -> str:
+    lines = [f"multi-layer replacement of layers {format_layers(rep['layers'])} (first n, "
+             f"free-running); CE clean {rep['mlsae']['ce_clean']:.4f}",
+             f"{'n':>4} {'last':>5} {'dCE':>9} {'dCE_1L':>9} {'KL':>9} {'KL_1L':>9}"]
+    for r in replacement_rows(rep):
+        lines.append(f"{r['n_layers']:>4} {r['last_layer']:>5} "
+                     + " ".join(_cell(v) for v in (r["mlsae_ce"] - r["ce_clean"],
+                                                   r["baseline_ce"] - r["ce_clean"],
+                                                   r["mlsae_kl"], r["baseline_kl"])))
+    return "\n".join(lines)
+
+
 def _cmd_compare(args: argparse.Namespace) -> int:
-    res = compare(args.mlsae, args.baselines, out_dir=args.out_dir, opts=text_options(args))
+    res = compare(args.mlsae, args.baselines, out_dir=args.out_dir, opts=text_options(args),
+                  replace=args.replace, curve_points=args.curve_points)
     print("MLSAE vs single-layer SAEs (_1L)")
     print(format_comparison(res["rows"]))
+    if "replacement" in res:
+        print(format_replacement_comparison(res["replacement"]["data"]))
     if "note" in res:
         print(f"note: {res['note']}", file=sys.stderr)
     print(f"wrote {res['csv']} and {res['png']}")
+    if "replacement" in res:
+        r = res["replacement"]
+        print(f"wrote {r['json']}, {r['csv']} and {r['png']}")
     return 0
 
 
@@ -223,5 +331,11 @@ def add_commands(sub) -> None:
     p.add_argument("baselines", help="folder holding single-layer checkpoints (layer_<l>/)")
     p.add_argument("--out-dir", help="where compare.csv and compare.png go (default: the "
                    "MLSAE folder)")
+    p.add_argument("--replace", metavar="LAYERS", help="compare multi-layer replacement on "
+                   "these layers (those with a baseline); default: the layers of the MLSAE's "
+                   "eval.json 'replacement', if any")
+    p.add_argument("--curve-points", type=int, default=CURVE_POINTS,
+                   help="points of the replacement curve (see mlsae eval; default: "
+                   f"{CURVE_POINTS})")
     add_text_options(p)
     p.set_defaults(func=_cmd_compare)

@@ -462,3 +462,35 @@ def test_cli_eval_replace(run, tmp_path, capsys):
     assert rep["ce_clean"] == pytest.approx(res["per_layer"]["ce_clean"][0])
     assert rep["curve"][0]["ce"] == pytest.approx(res["per_layer"]["ce_recon"][0], rel=1e-6)
     assert "replacement of layers 0,1 at once" in printed
+
+
+def test_compare_replacement_curves(run, tiny_lm, tmp_path, capsys):
+    """compare overlays the baselines' curve (each layer by its own SAE, free-running) on the
+    MLSAE's, on the MLSAE's eval text; checked against the brute-force hooks."""
+    if not (run / "baselines" / "layer_1" / "config.json").is_file():
+        baselines(run, opts=opts(tokens=256), lm=tiny_lm, progress=False)
+    own = evaluate(run, opts(tokens=256), lm=tiny_lm, progress=False, replace="all")
+    res = compare(run, run / "baselines", out_dir=tmp_path, lm=tiny_lm, progress=False)
+    data = json.loads((tmp_path / "compare_replacement.json").read_text())
+    assert data["layers"] == [0, 1] and data["mlsae"] == own["replacement"]
+    assert res["replacement"]["data"] == data
+    base = {v: MLSAE.from_pretrained(run / "baselines" / f"layer_{v}") for v in (0, 1)}
+    data_cfg, batch_list, _ = eval_batches(MLSAE.from_pretrained(run), tiny_lm,
+                                           opts(tokens=256))
+    want = _brute_force_replacement(lambda v, x: base[v](x).x_hat, tiny_lm, [0, 1], [1, 2],
+                                    batch_list, data_cfg)
+    for pt in data["baseline"]["curve"]:
+        assert pt["ce"] == pytest.approx(want[pt["n_layers"]]["ce"], rel=1e-5)
+        assert pt["kl"] == pytest.approx(want[pt["n_layers"]]["kl"], rel=1e-4)
+    rows = list(csv.DictReader((tmp_path / "replacement.csv").open()))
+    assert [r["n_layers"] for r in rows] == ["1", "2"]
+    assert float(rows[1]["baseline_ce"]) == pytest.approx(data["baseline"]["ce_replaced"])
+    assert (tmp_path / "replacement.png").stat().st_size > 1000
+    # another layer set than eval.json's: the MLSAE's curve is computed on it too
+    assert main(["compare", str(run), str(run / "baselines"), "--out-dir",
+                 str(tmp_path / "one"), "--replace", "1"]) == 0
+    assert "multi-layer replacement of layers 1" in capsys.readouterr().out
+    one = json.loads((tmp_path / "one" / "compare_replacement.json").read_text())
+    assert one["layers"] == [1]
+    assert one["mlsae"]["ce_replaced"] == pytest.approx(own["per_layer"]["ce_recon"][1],
+                                                        rel=1e-6)

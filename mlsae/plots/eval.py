@@ -1,4 +1,5 @@
-"""Figures of `mlsae baselines` and `mlsae compare` (matplotlib's Agg canvas, PNG files).
+"""Figures of `mlsae baselines`, `mlsae compare` and the replacement curve (matplotlib's Agg
+canvas, PNG files).
 
 Figures are built with `matplotlib.figure.Figure` and never through pyplot, so no GUI backend
 is touched and nothing global changes for a caller that uses pyplot itself.
@@ -65,5 +66,28 @@ def compare_figure(rows: list[dict], path: str | Path) -> Path:
         ax.set_title(title)
         ax.grid(alpha=0.3)
     fig.axes[0].legend()
+    fig.savefig(path, dpi=120)
+    return Path(path)
+
+
+def replacement_figure(curves: dict[str, dict], path: str | Path) -> Path:
+    """Multi-layer replacement curves (eval.json `replacement` dicts, by label): dCE and KL
+    after replacing the first n layers, over the deepest replaced layer."""
+    fig = new_figure(9.0, 3.4)
+    styles = ("o-", "s--", "^:", "d-.")
+    for ax, (metric, title) in zip(fig.subplots(1, 2), (("dce", "dCE (nats)"),
+                                                        ("kl", "KL(clean || replaced)"))):
+        for (label, rep), style in zip(curves.items(), styles):
+            xs = [pt["layers"][-1] for pt in rep["curve"]]
+            ys = [pt["ce"] - rep["ce_clean"] if metric == "dce" else pt["kl"]
+                  for pt in rep["curve"]]
+            ax.plot(xs, ys, style, label=label, markersize=4)
+        ax.axhline(0.0, color="grey", linewidth=0.8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("layers replaced: all chosen up to this one")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    fig.axes[0].legend()
+    fig.suptitle("Multi-layer replacement (free-running)")
     fig.savefig(path, dpi=120)
     return Path(path)
