@@ -95,3 +95,12 @@ def test_ctx_len_above_position_limit(tmp_path, text_file, capsys):
 def test_bad_blocks(tiny_model_dir, text_file, tmp_path, capsys, flag, value, msg):
     check(base(tiny_model_dir, text_file, tmp_path / "run") + [flag, value], capsys,
           tmp_path / "run", msg)
+
+
+@pytest.mark.parametrize("flag,value,msg", [
+    ("--shuffle-buffer", "-1", "--shuffle-buffer must be >= 0"),
+    ("--exclude-outliers", "0.5", "--exclude-outliers must be 0 (off) or a factor above 1"),
+])
+def test_bad_data_flags(tiny_model_dir, text_file, tmp_path, capsys, flag, value, msg):
+    check(base(tiny_model_dir, text_file, tmp_path / "run") + [flag, value], capsys,
+          tmp_path / "run", msg)

@@ -48,6 +48,10 @@ def validate(cfg: RunConfig) -> None:
         raise UserError("--lr-decay must be in [0, 1] and --warmup-steps >= 0")
     if not 0 <= cfg.data.exclude_first < cfg.data.ctx_len:
         raise UserError("--exclude-first must be >= 0 and below --ctx-len")
+    if cfg.data.shuffle_buffer is not None and cfg.data.shuffle_buffer < 0:
+        raise UserError("--shuffle-buffer must be >= 0 (0: stream order)")
+    if cfg.data.exclude_outliers != 0 and not cfg.data.exclude_outliers > 1:
+        raise UserError("--exclude-outliers must be 0 (off) or a factor above 1")
 
 
 def read_run_config(run_dir: Path) -> RunConfig:
