@@ -494,3 +494,20 @@ def test_compare_replacement_curves(run, tiny_lm, tmp_path, capsys):
     assert one["layers"] == [1]
     assert one["mlsae"]["ce_replaced"] == pytest.approx(own["per_layer"]["ce_recon"][1],
                                                         rel=1e-6)
+
+
+def test_report_shows_replacement_curves(run, tiny_lm, tmp_path):
+    """The report's replacement section: the MLSAE's and the baselines' numbers and figure."""
+    from mlsae.analysis.report import replacement_section
+
+    own = evaluate(run, opts(tokens=256), lm=tiny_lm, progress=False, replace="all")
+    if not (run / "baselines" / "layer_1" / "config.json").is_file():
+        baselines(run, opts=opts(tokens=256), lm=tiny_lm, progress=False)
+    if not (run / "compare_replacement.json").is_file():
+        compare(run, run / "baselines", lm=tiny_lm, progress=False)
+    cmp = json.loads((run / "compare_replacement.json").read_text())
+    html = replacement_section(run, tmp_path)
+    assert "single-layer SAEs" in html and "MLSAE" in html
+    assert f"{own['replacement']['dce']:.4g}" in html
+    assert f"{cmp['baseline']['dce']:.4g}" in html
+    assert (tmp_path / "replacement.png").stat().st_size > 1000

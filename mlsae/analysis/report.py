@@ -8,6 +8,8 @@ command adds it:
   config         <run>/config.json
   training       <run>/metrics.jsonl (curves), <run>/summary.json (held-out after training)
   evaluation     <run>/eval.json (`mlsae eval`)
+  replacement    <run>/eval.json `replacement` (`mlsae eval --replace all`) and the single-layer
+                 baselines' curve from <run>/compare_replacement.json (`mlsae compare`)
   layer spread   <run>/analysis/summary.json and figures (`mlsae analyze`)
   prompts        <run>/analysis/prompts/*/ (`mlsae analyze --prompt`)
   resid-sim      resid_sim.{png,json} in --resid-sim DIR, default <run>/analysis
@@ -164,6 +166,42 @@ def training_section(run: Path, out: Path) -> str:
         parts.append(f'<p>Held-out after training ({summary["tokens"]} tokens): mean FVU '
                      f'{fmt(m.get("fvu"))}, mean L0 {fmt(m.get("l0"))}, dead fraction '
                      f'{fmt(summary.get("dead_fraction"))}.</p>')
+    return "".join(parts)
+
+
+def replacement_section(run: Path, out: Path) -> str:
+    """The multi-layer replacement: totals, the curve, and the baselines' curve beside it."""
+    from mlsae.plots.eval import replacement_figure
+
+    head = "<h2>Multi-layer replacement</h2>"
+    own = (_read_json(run / "eval.json") or {}).get("replacement")
+    cmp = _read_json(run / "compare_replacement.json")
+    if own is None and cmp is None:  # optional: a hint, not a missing input
+        return head + (f"<p class=note>Not computed: run <code>mlsae eval {esc(run)} "
+                       "--replace all</code> to add it.</p>")
+    curves = {}
+    if own is not None:
+        curves["MLSAE"] = own
+    if cmp is not None:
+        if own is None or cmp["mlsae"]["layers"] != own["layers"]:
+            curves["MLSAE (baseline layers)"] = cmp["mlsae"]
+        curves["single-layer SAEs"] = cmp["baseline"]
+    parts = [head, "<p class=note>Every chosen layer's resid_post replaced by its "
+             "reconstruction at once, free-running: each SAE encodes what the already-replaced "
+             "layers below produced. The curve replaces only the first n chosen layers (depth "
+             "order). Single-layer SAEs: each layer replaced by its own SAE, the same way.</p>"]
+    rows = [[label, ",".join(map(str, rep["layers"])), rep["ce_clean"], rep["ce_replaced"],
+             rep["dce"], rep["kl"]] for label, rep in curves.items()]
+    parts.append(table(["SAE", "layers", "CE clean", "CE replaced", "dCE", "KL"], rows,
+                       left=(0, 1)))
+    if cmp is None:
+        parts.append(f"<p class=note>No single-layer curve: run <code>mlsae baselines {esc(run)}"
+                     f"</code> and <code>mlsae compare {esc(run)} {esc(run)}/baselines</code> "
+                     "to add it.</p>")
+    replacement_figure(curves, out / "replacement.png")
+    parts.append('<figure><img src="replacement.png" alt="replacement curve"><figcaption>'
+                 "dCE and KL after replacing every chosen layer up to the one on the x axis."
+                 "</figcaption></figure>")
     return "".join(parts)
 
 
@@ -343,6 +381,7 @@ def report(run: str | Path, out: str | Path | None = None,
         f"<h1>MLSAE report: {esc(run.name)}</h1><p class=note>{esc(run.resolve())} &middot; "
         f"generated {esc(time.strftime('%Y-%m-%d %H:%M'))}</p>",
         config_section(run, cfg), training_section(run, out), eval_section(run),
+        replacement_section(run, out),
         findings_section(run, [require_run_dir(c) for c in compare],
                          Path(resid_sim_dir) if resid_sim_dir else run / "analysis"),
         analysis_section(run, out), prompts_section(run, out),
