@@ -128,8 +128,8 @@ def dynamics_figure(entry_hist: np.ndarray, exit_hist: np.ndarray, lifespan_hist
     ax2.set_ylabel("fraction")
     bits = [f"persistence {persistence:.3f}" if persistence is not None else "",
             f"contiguous {contiguous:.3f}" if contiguous is not None else ""]
-    ax2.set_title("Lifespan per token" + (f" ({', '.join(b for b in bits if b)})"
-                                          if any(bits) else ""))
+    ax2.set_title("Lifespan per token" + (f"\n({', '.join(b for b in bits if b)})"
+                                          if any(bits) else ""), fontsize=10)
     ax2.grid(alpha=0.3, axis="y")
     return save(fig, stem)
 
