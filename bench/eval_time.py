@@ -46,9 +46,13 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--before", help="git revision of the code to compare with")
     p.add_argument("--replace", default=None)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = p.parse_args()
 
     import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     import mlsae.evaluate as now
     from mlsae.options import TextOptions
