@@ -82,9 +82,10 @@ def test_legacy_config_keeps_the_old_full_permutation(text_file):
     from mlsae.config import from_dict, to_dict
 
     d = to_dict(DataConfig(dataset=str(text_file), ctx_len=16))
-    del d["shuffle_buffer"], d["prepend_bos"]
+    del d["shuffle_buffer"], d["prepend_bos"], d["exclude_outliers"]
     cfg = from_dict(DataConfig, d)
     assert cfg.shuffle_buffer is None and cfg.prepend_bos is False
+    assert cfg.exclude_outliers == 0 and DataConfig().exclude_outliers == 20
     src = TokenSource(cfg, byte_tokenizer(), EOS, seed=3)
     train = [s for j, s in enumerate(_all_seqs(text_file)) if not is_holdout(j, 0.05)]
     got = _take(src.train_sequences(0), 2 * len(train))

@@ -20,10 +20,10 @@ NEW_TRAIN = ("revision", "blocks")
 
 
 def legacy_cfg(text_file, out):
-    # shuffle_buffer=None / prepend_bos=False are what an old config's missing fields become
+    # what an old config's missing fields become
     return RunConfig(SAEConfig(expansion_factor=4, k=8),
                      DataConfig(dataset=str(text_file), ctx_len=32, shuffle_buffer=None,
-                                prepend_bos=False),
+                                prepend_bos=False, exclude_outliers=0.0),
                      TrainConfig(out=str(out), model="tiny", layers="all", tokens=4 * 32 * 10,
                                  batch_size=4, save_every=5, eval_tokens=0, dead_tokens=300))
 

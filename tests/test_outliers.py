@@ -72,8 +72,8 @@ def test_rule_and_exclusion_match_brute_force(lm):
     x, m = batch_activations(lm, ids, [0, 1, 2], cfg)
     assert torch.equal(m, new) and x.shape[1] == len(kept)
     assert x.norm(dim=-1).max() < 20 * resid[:, mask].norm(dim=-1).median()
-    # off (the default): nothing removed
-    assert torch.equal(exclude_outliers(resid, mask, DataConfig()), mask)
+    # off: nothing removed
+    assert torch.equal(exclude_outliers(resid, mask, DataConfig(exclude_outliers=0)), mask)
 
 
 @pytest.mark.parametrize("factor", [20.0])
