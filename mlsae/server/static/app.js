@@ -198,9 +198,9 @@ function renderDensity(d) {
     return;
   }
   const edges = d.bin_edges;
-  const top = Math.max(...d.counts.flat(), 1);
   const rows = d.layers.map((layer, i) => {
     const n = d.counts[i].reduce((a, b) => a + b, 0);
+    const top = Math.max(...d.counts[i], 1);
     return el("div", { class: "density-row" }, el("span", {}, `layer ${layer}`),
       el("div", { class: "density-bins" }, ...d.counts[i].map((c, b) => el("div", {
         class: "density-bin", style: `height: ${(100 * c / top).toFixed(1)}%`,
@@ -210,7 +210,7 @@ function renderDensity(d) {
   const over = d.included_tokens ? ` over ${d.included_tokens} tokens` : "";
   $("latent-density").replaceChildren(el("p", { class: "help" },
     `Histogram of the latent's nonzero activations at each layer${over}; bins log-spaced ` +
-    `from ${fmt(edges[0])} to ${fmt(edges[edges.length - 1])}, one height scale for all layers.`), ...rows);
+    `from ${fmt(edges[0])} to ${fmt(edges[edges.length - 1])}, each row scaled to its own tallest bin.`), ...rows);
 }
 
 function renderByLayer(groups, ex) {
