@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from conftest import save_tiny_model  # noqa: E402
+from conftest import save_tiny_model, torchrun_rank_pids  # noqa: E402
 
 STEPS = 60
 
@@ -40,20 +40,6 @@ def launcher(ranks: int, port: int) -> list[str]:
             "--master_port", str(port), "-m", "mlsae"]
 
 
-def rank_pid(parent: int, rank: int) -> int:
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            env = (d / "environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if ppid == parent and f"RANK={rank}".encode() in env:
-            return int(d.name)
-    raise RuntimeError("rank not found")
-
-
 def interrupted(model: Path, out: Path, ranks: int, sig: int, port: int) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.Popen(launcher(ranks, port) + cli(model, out), env=env,
@@ -61,7 +47,7 @@ def interrupted(model: Path, out: Path, ranks: int, sig: int, port: int) -> dict
     log = out / "metrics.jsonl"
     while not log.is_file() or len(log.read_text().splitlines()) < 5:
         time.sleep(0.05)
-    target = proc.pid if ranks == 1 else rank_pid(proc.pid, 1)
+    target = proc.pid if ranks == 1 else torchrun_rank_pids(proc.pid)[1]
     t0 = time.perf_counter()
     os.kill(target, sig)
     code = proc.wait(timeout=300)

@@ -4,6 +4,7 @@ byte-level tokenizer, so unit tests never touch a hub."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -109,3 +110,21 @@ def topk_path(request, monkeypatch):
             pytest.skip("no C compiler here: the kernel path is unavailable")
     return request.param
 
+
+def torchrun_rank_pids(parent: int) -> dict[int, int]:
+    """{rank: pid} of torchrun's worker processes (from /proc)."""
+    out = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            env = (d / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if ppid != parent:
+            continue
+        for kv in env:
+            if kv.startswith(b"RANK="):
+                out[int(kv[5:])] = int(d.name)
+    return out

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import torchrun_rank_pids
 from safetensors.torch import load_file
 from test_train import small_cfg
 
@@ -81,25 +82,6 @@ def test_cli_sigterm_exits_143_with_checkpoint(tiny_model_dir, text_file, tmp_pa
     assert steps_logged(run)[-1] == state["step"]
 
 
-def _rank_pids(parent: int) -> dict[int, int]:
-    """{rank: pid} of torchrun's worker processes (from /proc)."""
-    out = {}
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            env = (d / "environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if ppid != parent:
-            continue
-        for kv in env:
-            if kv.startswith(b"RANK="):
-                out[int(kv[5:])] = int(d.name)
-    return out
-
-
 def test_signal_to_one_torchrun_rank_stops_all_ranks_at_one_step(tiny_model_dir, text_file,
                                                                    tmp_path):
     run = tmp_path / "two"
@@ -109,7 +91,7 @@ def test_signal_to_one_torchrun_rank_stops_all_ranks_at_one_step(tiny_model_dir,
                              *_cli(tiny_model_dir, text_file, run, 4 * 32 * 100000)],
                             env=env, stderr=subprocess.PIPE, text=True)
     _wait_for_log(run, proc)
-    pids = _rank_pids(proc.pid)
+    pids = torchrun_rank_pids(proc.pid)
     assert set(pids) == {0, 1}, pids
     t0 = time.time()
     os.kill(pids[1], signal.SIGINT)  # Ctrl-C reaching rank 1 only
