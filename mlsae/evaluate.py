@@ -65,8 +65,8 @@ from mlsae.runtime import freed_memory_kept
 from mlsae.sae import MLSAE
 
 ABLATIONS = ("zero", "mean")
-CHUNK_BYTES = 16 * 2**20  # one float32 [positions, vocab] chunk of log-probabilities
-CHUNK_MIN_ROWS = 64  # ... but at least this many positions (64 MB at a 262k vocabulary)
+CHUNK_BYTES = 64 * 2**20  # one float32 [positions, vocab] chunk of log-probabilities
+CHUNK_MIN_ROWS = 64  # ... but at least this many positions
 HIDDEN_BYTES = 512 * 2**20  # final hidden states kept per batch before their CE/KL is taken
 CURVE_POINTS = 10
 
