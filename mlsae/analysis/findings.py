@@ -91,8 +91,10 @@ def findings(run: Path, others: list[Path] = (), resid_sim_dir: Path | None = No
             f"{_f(a.get('per_token_layer_var'))} over active (token, latent) pairs, ratio "
             f"{_f(a.get('aggregated_over_per_token_ratio'))}; in the seed code's convention "
             f"(inactive pairs as zeros) {_f(seed.get('aggregated_over_per_token_ratio'))} over "
-            "all tokens. The seed convention divides by all (token, latent) pairs, most of them "
-            "inactive, so its ratio is far larger; ours compares like with like.")
+            "all tokens. The seed convention counts inactive pairs as zeros: that shrinks the "
+            "per-token term by the share of active pairs and adds a squared-mean term to the "
+            "aggregated one, so the two ratios are not comparable; ours averages over active "
+            "pairs only.")
         out.append(
             f"Multi-layer latents over a dataset: {_f(a.get('frac_latents_multi_layer'))} of "
             f"{a.get('alive_latents')} alive latents are active at 2+ layers, while per token "
