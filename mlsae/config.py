@@ -139,9 +139,10 @@ class TrainConfig:
     """`auto` (cuda, then mps, then cpu), or a torch device string."""
 
     dtype: str = "auto"
-    """Dtype of the language model: `auto` (bfloat16 on CUDA devices that compute it
-    natively, float32 on CPU and MPS; the resolved dtype is recorded in the run's config),
-    `float32`, `bfloat16` or `float16`. The SAE trains in float32."""
+    """Dtype of the language model during training: `auto` (bfloat16 where the device computes
+    it natively: CUDA with bf16, CPUs with AVX512-BF16 or AMX; float32 elsewhere, MPS
+    included; the resolved dtype is recorded in the run's config), `float32`, `bfloat16` or
+    `float16`. The SAE trains in float32; the held-out summary scores float32 activations."""
 
     out: str | None = None
     """Run folder; default runs/<model>-x<expansion_factor>-k<k>."""

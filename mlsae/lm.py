@@ -10,6 +10,7 @@ names the path outright.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
 from contextlib import contextmanager
@@ -340,6 +341,16 @@ def check_ctx_len(config, ctx_len: int, name: str) -> None:
     if limit is not None and ctx_len > limit:
         raise UserError(f"--ctx-len {ctx_len} exceeds the {limit} positions of model "
                         f"{name!r}")
+
+
+def cast_lm(lm: LanguageModel, dtype: str, blocks: str | None = None) -> LanguageModel:
+    """`lm` in `dtype`: itself when it already is, else a copy (the original stays, e.g. to
+    score float32 activations after training in bfloat16)."""
+    torch_dtype = resolve_dtype(dtype)
+    if next(lm.model.parameters()).dtype == torch_dtype:
+        return lm
+    model = copy.deepcopy(lm.model).to(torch_dtype)
+    return wrap_model(model, lm.tokenizer, lm.name, blocks)
 
 
 def wrap_model(model: nn.Module, tokenizer, name: str, blocks: str | None = None

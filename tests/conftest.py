@@ -9,6 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+# `--dtype auto` resolves to float32 on every test machine, whatever its CPU: bf16 on CPUs
+# with bf16 units is tested explicitly (tests/test_devices.py).
+os.environ["MLSAE_CPU_BF16"] = "0"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -107,3 +107,32 @@ def test_run_records_the_resolved_dtype_and_resumes_with_auto(tiny_lm, text_file
     assert meta["lm_dtype"] == "float32" and meta["run"]["train"]["dtype"] == "float32"
     res = train(resume=tmp_path / "run", given={"dtype": "auto"}, lm=tiny_lm, progress=False)
     assert res["finished"]
+
+
+def test_bf16_training_is_scored_on_float32_activations(tiny_model_dir, text_file, tmp_path):
+    """With the LM in bfloat16 for training, the held-out summary scores FLOAT32 activations
+    (the float32 model the bf16 copy was cast from), compared here with a float32 LM."""
+    import json
+
+    from test_train import small_cfg
+
+    from mlsae.data import TokenSource, include_mask
+    from mlsae.lm import load_lm
+    from mlsae.sae import MLSAE
+    from mlsae.train import train
+
+    cfg = small_cfg(text_file, tmp_path / "run", model=str(tiny_model_dir), dtype="bfloat16",
+                    layers="0,2")
+    res = train(cfg, progress=False)
+    meta = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert meta["lm_dtype"] == "bfloat16"
+    lm32 = load_lm(str(tiny_model_dir), "cpu", "float32")
+    data = res["trainer"].cfg.data
+    seqs = TokenSource(data, lm32.tokenizer, lm32.eos_id).eval_sequences(512)
+    mask = include_mask(seqs, lm32.special_ids, data)
+    x = lm32.resid_post(seqs, [0, 2])[:, mask].double()
+    sae = MLSAE.from_pretrained(tmp_path / "run")
+    for i in range(2):
+        x_hat = sae(x[i].float()).x_hat.detach().double()
+        fvu = ((x_hat - x[i]) ** 2).sum() / ((x[i] - x[i].mean(0)) ** 2).sum()
+        assert abs(fvu.item() - res["summary"]["per_layer"]["fvu"][i]) < 1e-4

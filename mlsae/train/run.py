@@ -19,7 +19,7 @@ from mlsae.config import RunConfig
 from mlsae.data import TokenSource
 from mlsae.errors import UserError
 from mlsae.lens import run_lens
-from mlsae.lm import LanguageModel, load_lm, resolve_device
+from mlsae.lm import LanguageModel, cast_lm, load_lm, resolve_device
 from mlsae.runtime import freed_memory_kept, resolve_lm_dtype
 from mlsae.train.distributed import barrier, init_from_env
 from mlsae.train.loop import StopFlag, fit, heldout_summaries, lm_stream
@@ -70,9 +70,11 @@ def _train(cfg, resume, given, lm, on_step, progress, sweep) -> dict:
     for c, _ in plan:
         if c.sae.k > c.sae.expansion_factor * d_model:
             raise UserError(f"--k {c.sae.k} exceeds n_latents {c.sae.expansion_factor * d_model}")
+    score_lm = None  # float32, for the held-out summary (issue 15: score float32 activations)
     if lm is None and cache is None:
-        lm = load_lm(lead.train.model, str(device), lead.train.dtype, lead.train.revision,
-                     lead.train.blocks)
+        score_lm = load_lm(lead.train.model, str(device), "float32", lead.train.revision,
+                           lead.train.blocks)
+        lm = cast_lm(score_lm, lead.train.dtype, lead.train.blocks)
     for c, _ in plan:
         settle_data(c, lm.tokenizer if lm is not None else None)
     trainers = [Trainer(c, d_model, layers, folder, device, dist_info) for c, folder in plan]
@@ -103,8 +105,11 @@ def _train(cfg, resume, given, lm, on_step, progress, sweep) -> dict:
     summaries: list[dict | None] = [None] * len(trainers)
     synthetic = cache is not None and "synthetic" in cache.manifest  # no LM: `mlsae synth-score`
     if finished and lead.train.eval_tokens > 0 and dist_info.is_main and not synthetic:
-        if lm is None:  # trained from a cache: the held-out check still needs the LM
-            lm = load_lm(lead.train.model, str(device), lead.train.dtype, lead.train.revision,
+        del stream
+        if score_lm is not None:  # the float32 model training's copy was cast from
+            lm = score_lm
+        elif lm is None:  # trained from a cache: the held-out check still needs the LM
+            lm = load_lm(lead.train.model, str(device), "float32", lead.train.revision,
                          lead.train.blocks)
         source = TokenSource(lead.data, lm.tokenizer, lm.eos_id, seed=lead.train.seed)
         summaries = heldout_summaries(trainers, lm, source, int(lead.train.eval_tokens),
