@@ -58,6 +58,7 @@ from mlsae.analysis.layer_dist import LayerDistribution, n_active_layers
 from mlsae.analysis.token_variance import PerTokenLayerVariance
 from mlsae.config import DataConfig
 from mlsae.errors import UserError
+from mlsae.options import number
 from mlsae.sae import MLSAE
 
 TRUTH = "truth.safetensors"
@@ -79,6 +80,20 @@ class SynthSpec:
     tokens: int = 200_000
     ctx_len: int = 256
     seed: int = 0
+
+
+SPEC_HELP = {
+    "d_model": "width of the vectors",
+    "n_layers": "layers of the cache",
+    "n_features": "true directions",
+    "active_per_token": "mean number of features firing per token",
+    "span_continue": "P(a feature's span of layers grows by one more layer)",
+    "token_continue": "P(a firing's per-token window grows by one more layer)",
+    "noise": "std of the Gaussian noise added to every vector",
+    "tokens": "tokens to write (whole sequences of --ctx-len)",
+    "ctx_len": "tokens per sequence",
+    "seed": "seed of the truth and of the cached tokens",
+}
 
 
 def _geometric(p_continue: float, n: int, cap: Tensor | int, g: torch.Generator) -> Tensor:
@@ -354,8 +369,9 @@ def add_commands(sub) -> None:
                        "with `mlsae train --activations DIR --eval-tokens 0`.")
     p.add_argument("--out", required=True, help="cache folder (must not hold a cache)")
     for f in fields(SynthSpec):
-        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
-                       help=f"(default: {f.default})")
+        kind = number(int) if f.name == "tokens" else type(f.default)
+        p.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default,
+                       help=f"{SPEC_HELP[f.name]} (default: {f.default})")
     p.add_argument("--shard-sequences", type=int, default=64,
                    help="sequences per shard file (default: 64)")
     p.add_argument("--store-dtype", default="float32",
