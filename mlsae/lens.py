@@ -54,6 +54,7 @@ from mlsae.config import DataConfig, resolve_layers
 from mlsae.data import TokenSource, batches
 from mlsae.errors import UserError
 from mlsae.lm import LanguageModel, load_lm
+from mlsae.metrics import f64
 from mlsae.options import add_dataclass_options, build_config, number
 
 FORMAT = "mlsae-tuned-lens"
@@ -104,15 +105,16 @@ class TunedLens(nn.Module):
         out = torch.empty_like(y)
         for j, i in enumerate(self.positions(layers)):
             lu, piv = self._factors(i)
-            rhs = (y[j].double() - self.bias[i].double().to(y.device)).reshape(-1, self.d_model)
+            rhs = f64(y[j]).reshape(-1, self.d_model)  # on the host where the device has no f64
+            rhs = rhs - f64(self.bias[i]).to(rhs.device)
             # h (I + W^T) = rhs  <=>  (I + W) h^T = rhs^T
-            h = torch.linalg.lu_solve(lu.to(y.device), piv.to(y.device), rhs.T).T
-            out[j] = h.reshape(y[j].shape).to(y.dtype)
+            h = torch.linalg.lu_solve(lu.to(rhs.device), piv.to(rhs.device), rhs.T).T
+            out[j] = h.reshape(y[j].shape).to(y.device, y.dtype)
         return out
 
     def _factors(self, i: int) -> tuple[Tensor, Tensor]:
         if i not in self._lu:
-            a = torch.eye(self.d_model, dtype=torch.float64) + self.weight[i].detach().double()
+            a = torch.eye(self.d_model, dtype=torch.float64) + f64(self.weight[i].cpu())
             self._lu[i] = torch.linalg.lu_factor(a.cpu())
         return self._lu[i]
 
@@ -237,7 +239,7 @@ def lens_kl(lm: LanguageModel, lens: TunedLens | None, seqs: Tensor, data: DataC
             target = torch.log_softmax(lm.unembed(xs[-1]).float(), -1)
             for i, layer in enumerate(layers):
                 h = xs[i] if lens is None else lens(xs[i], layer)
-                sums[i] += kl_rows(target, lm.unembed(h)).double().sum().cpu()
+                sums[i] += f64(kl_rows(target, lm.unembed(h)).cpu()).sum()
         n += x.shape[1]
     return (sums / max(n, 1)).tolist(), n
 

@@ -12,7 +12,7 @@ from mlsae.metrics import f64
 
 ROOT = Path(mlsae.__file__).parent
 # Modules whose statistics may run on an accelerator.
-DEVICE_MODULES = [*sorted((ROOT / "train").glob("*.py")), ROOT / "metrics.py"]
+DEVICE_MODULES = [*sorted((ROOT / "train").glob("*.py")), ROOT / "metrics.py", ROOT / "lens.py"]
 
 
 class FakeMPSTensor:
