@@ -58,7 +58,7 @@ from mlsae.config import DataConfig
 from mlsae.data import include_mask
 from mlsae.errors import UserError
 from mlsae.lm import LanguageModel
-from mlsae.metrics import ReconstructionStats
+from mlsae.metrics import ReconstructionStats, f64
 from mlsae.options import TextOptions, add_text_options, text_options
 from mlsae.runs import check_lm_matches, eval_batches, load_run_lm, load_sae, sae_layers
 from mlsae.runtime import freed_memory_kept
@@ -128,12 +128,12 @@ class SpliceStats:
     reconstructed, the CE with x_l ablated, and KL(p_clean || p_recon)."""
 
     def __init__(self, n_layers: int):
-        f64 = torch.float64
+        dt = torch.float64  # host tensors
         self.n = 0
-        self.ce_clean = torch.zeros((), dtype=f64)
-        self.ce_recon = torch.zeros(n_layers, dtype=f64)
-        self.ce_zero = torch.zeros(n_layers, dtype=f64)
-        self.kl = torch.zeros(n_layers, dtype=f64)
+        self.ce_clean = torch.zeros((), dtype=dt)
+        self.ce_recon = torch.zeros(n_layers, dtype=dt)
+        self.ce_zero = torch.zeros(n_layers, dtype=dt)
+        self.kl = torch.zeros(n_layers, dtype=dt)
 
     def result(self) -> dict[str, list]:
         if self.n == 0:
@@ -157,7 +157,7 @@ def layer_means(lm: LanguageModel, layers: list[int], batches: Iterable[Tensor],
         mask = include_mask(ids, lm.special_ids, data_cfg)
         resid = lm.resid_post(ids, layers)  # [layer, batch, seq, d_model]
         mask = exclude_outliers(resid, mask, data_cfg)
-        total += resid[:, mask.to(resid.device)].double().sum(dim=1).cpu()
+        total += f64(resid[:, mask.to(resid.device)].cpu()).sum(dim=1)
         n += int(mask.sum())
     return (total / max(n, 1)).float()
 
@@ -234,19 +234,19 @@ class _Head:
                with_kl: Sequence[bool]) -> tuple[Tensor, Tensor, Tensor]:
         """Sums over rows (CE positions) of the clean CE, and for each of `others` (final
         hidden states `[n, d]` like `clean`) its CE and, where `with_kl`, KL(p_clean || p)."""
-        f64 = torch.float64
-        ce_clean = torch.zeros((), dtype=f64)
-        ce, kl = torch.zeros(len(others), dtype=f64), torch.zeros(len(others), dtype=f64)
+        dt = torch.float64  # host tensors
+        ce_clean = torch.zeros((), dtype=dt)
+        ce, kl = torch.zeros(len(others), dtype=dt), torch.zeros(len(others), dtype=dt)
         for r0 in range(0, clean.shape[0], self.rows):
             rows, t = slice(r0, r0 + self.rows), targets[r0:r0 + self.rows]
             logp = self.logits(clean[rows]).float().log_softmax(dim=-1)
-            ce_clean += cross_entropy(logp, t).cpu().double().sum()  # float64 on the host
+            ce_clean += f64(cross_entropy(logp, t).cpu()).sum()  # float64 on the host
             p = logp.exp() if any(with_kl) else None
             for j, (h, want_kl) in enumerate(zip(others, with_kl)):
                 logq = self.logits(h[rows]).float().log_softmax(dim=-1)
-                ce[j] += cross_entropy(logq, t).cpu().double().sum()
+                ce[j] += f64(cross_entropy(logq, t).cpu()).sum()
                 if want_kl:
-                    kl[j] += (p * (logp - logq)).sum(dim=-1).cpu().double().sum()
+                    kl[j] += f64((p * (logp - logq)).sum(dim=-1).cpu()).sum()
                 del logq
         return ce_clean, ce, kl
 

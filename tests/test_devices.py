@@ -12,7 +12,8 @@ from mlsae.metrics import f64
 
 ROOT = Path(mlsae.__file__).parent
 # Modules whose statistics may run on an accelerator.
-DEVICE_MODULES = [*sorted((ROOT / "train").glob("*.py")), ROOT / "metrics.py", ROOT / "lens.py"]
+DEVICE_MODULES = [*sorted((ROOT / "train").glob("*.py")), ROOT / "metrics.py", ROOT / "lens.py",
+                  ROOT / "evaluate.py"]
 
 
 class FakeMPSTensor:
