@@ -53,6 +53,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from mlsae.activations.cache import MANIFEST
+from mlsae.analysis.analyze import json_safe
 from mlsae.analysis.dynamics import LayerDynamics
 from mlsae.analysis.layer_dist import LayerDistribution, n_active_layers
 from mlsae.analysis.token_variance import PerTokenLayerVariance
@@ -308,18 +309,10 @@ def synth_score(run: str | Path, cache: str | Path, tokens: int = 16_384, seed: 
                            f"(cosine > {MATCH}) of some true direction",
         },
     }
-    out = _json_safe(out)
+    out = json_safe(out)
     if write:
         (Path(run) / "synth_score.json").write_text(json.dumps(out, indent=2) + "\n")
     return out
-
-
-def _json_safe(obj):
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_json_safe(v) for v in obj]
-    return None if isinstance(obj, float) and not math.isfinite(obj) else obj
 
 
 def format_score(res: dict) -> str:

@@ -181,15 +181,15 @@ def distribution_summary(dist: LayerDistribution, ptv: PerTokenLayerVariance,
         out.update({key: d[key] for key in DYNAMICS_KEYS})
         out["histograms"].update(entry_layer=d["entry_layer_hist"],
                                  exit_layer=d["exit_layer_hist"], lifespan=d["lifespan_hist"])
-    return _json_safe(out)
+    return json_safe(out)
 
 
-def _json_safe(obj):
+def json_safe(obj):
     """NaN / inf -> null, recursively (JSON has no NaN)."""
     if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
+        return {k: json_safe(v) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [_json_safe(v) for v in obj]
+        return [json_safe(v) for v in obj]
     return None if isinstance(obj, float) and not math.isfinite(obj) else obj
 
 

@@ -11,18 +11,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from mlsae.errors import UserError
-from mlsae.formats.registry import Checkpoint, Hints, register
+from mlsae.formats.registry import Checkpoint, Hints, config_keys, register
 
 
 def is_native(folder: Path) -> bool:
-    path = folder / "config.json"
-    if not path.is_file():
-        return False
-    try:
-        cfg = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return True  # ours is the reader that says the config is broken
-    return isinstance(cfg, dict) and "d_model" in cfg
+    keys = config_keys(folder, unreadable=True)  # ours is the reader that says it is broken
+    return keys if isinstance(keys, bool) else "d_model" in keys
 
 
 @register("mlsae", is_native, "mlsae's own: config.json + model.safetensors")

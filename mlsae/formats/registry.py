@@ -9,6 +9,7 @@ config.json vocabulary (`d_model`, `n_latents`, `k`, `standardize`, `eps`, `norm
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +53,20 @@ class Format:
 
 FORMATS: dict[str, Format] = {}
 EXPORTERS: dict[str, Callable] = {}
+
+
+def config_keys(folder: Path, unreadable: bool) -> set[str] | bool:
+    """The top-level keys of `folder/config.json` for format detection: False when there is
+    no such file, `unreadable` when it is not a JSON object (a detector that owns broken
+    configs answers True, so its reader reports the error)."""
+    path = folder / "config.json"
+    if not path.is_file():
+        return False
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return unreadable
+    return set(cfg) if isinstance(cfg, dict) else unreadable
 
 
 def register(name: str, detect: Callable[[Path], bool], description: str = ""):

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from mlsae.errors import UserError
 from mlsae.formats.native import load_tensors
-from mlsae.formats.registry import Checkpoint, Hints, register
+from mlsae.formats.registry import Checkpoint, Hints, config_keys, register
 
 SEED_EPS = 1e-5  # the default of the seed code's standardize()
 REPO_NAME = re.compile(r"(?:^|[/\\]|--)mlsae-(?P<model>.+?)-x(?P<x>\d+)-k(?P<k>\d+)"
@@ -32,14 +32,8 @@ HUB_OWNERS = {"pythia": "EleutherAI", "gemma": "google", "llama": "meta-llama"}
 
 
 def is_seed(folder: Path) -> bool:
-    path = folder / "config.json"
-    if not path.is_file():
-        return False
-    try:
-        cfg = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
-    return isinstance(cfg, dict) and "n_inputs" in cfg and "n_latents" in cfg
+    keys = config_keys(folder, unreadable=False)
+    return not isinstance(keys, bool) and {"n_inputs", "n_latents"} <= keys
 
 
 def model_from_name(source: str) -> str | None:
