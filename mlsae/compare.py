@@ -1,5 +1,5 @@
 """`mlsae compare`: the MLSAE against single-layer SAEs, layer by layer (FVU, dCE, L0).
-Uses evaluate, runs, plots, formats and the SAE.
+Uses evaluate, runs, plots, formats, the tuned lens and the SAE.
 
 The baselines may be SAEs trained elsewhere: any folder `mlsae.formats` reads (a sparsify run
 folder, SAELens folders, the seed paper's) counts; those are copied as mlsae checkpoints into
@@ -18,6 +18,10 @@ Writes in `out_dir` (default: the MLSAE folder):
                one row per layer of either; empty cell where that SAE has no such layer
   compare.png  FVU, dCE and L0 over layers, MLSAE vs single-layer SAEs
 
+A lens run (`mlsae train --lens`) is evaluated through its lens (`mlsae eval`: translate, SAE,
+exact inverse; every number in the original space), so it compares with single-layer SAEs of
+the untranslated resid_post. Imported baselines never inherit the MLSAE's lens.
+
 Multi-layer replacement (when the MLSAE's eval.json holds `replacement`, or with --replace):
 the layers R = the replaced layers that have a single-layer baseline. The baselines' curve
 replaces each layer of R by its own SAE, free-running (as `mlsae eval --replace`), on the text
@@ -33,6 +37,7 @@ else it is computed on R too. Writes
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import json
 import sys
@@ -44,14 +49,16 @@ import torch
 from mlsae.errors import UserError
 from mlsae.evaluate import (
     CURVE_POINTS,
+    Recon,
     curve_counts,
     evaluate,
     evaluate_batches,
     format_layers,
-    saes_recon,
+    sae_recon,
     select_layers,
 )
 from mlsae.formats import detect, read
+from mlsae.lens import sae_lens
 from mlsae.lm import LanguageModel
 from mlsae.options import TextOptions, add_text_options, text_options
 from mlsae.runs import eval_batches, load_run_lm, load_sae, sae_layers
@@ -98,8 +105,10 @@ def imported_baselines(folders: dict[int, Path], mlsae, work: Path) -> dict[int,
             out[layer] = folder
             continue
         sae = MLSAE.from_pretrained(folder)
-        sae.config.update({key: mlsae.config[key] for key in
+        sae.config.update({key: copy.deepcopy(mlsae.config[key]) for key in
                            ("run", "exclude_first", "exclude_special") if key in mlsae.config})
+        if (sae.config.get("run") or {}).get("train"):  # the MLSAE's data, never its lens
+            sae.config["run"]["train"]["lens"] = None
         sae.config["model"] = sae.config.get("model") or mlsae.config.get("model")
         sae.config["imported_from"] = str(folder)
         dest = work / folder.name
@@ -132,7 +141,7 @@ class _Evaluations:
                                 "re-evaluate") from None
         print(f"evaluating {folder} (no eval.json)", file=sys.stderr)
         if self.lm is None:
-            self.lm = load_run_lm(load_sae(folder), self.opts)
+            self.lm = load_run_lm(load_sae(folder, lens_ok=True), self.opts)
         return evaluate(folder, self.opts, ablation=self.ablation, lm=self.lm,
                         progress=self.progress)
 
@@ -177,6 +186,13 @@ REPLACEMENT_COLUMNS = ["n_layers", "last_layer", "ce_clean", "mlsae_ce", "baseli
                        "mlsae_kl", "baseline_kl"]
 
 
+def run_recon(folder: Path, sae, device) -> Recon:
+    """The reconstruction of a checkpoint at any of its layers, through its lens when it is a
+    lens run (original space either way)."""
+    lens = sae_lens(folder, sae.config, sae_layers(sae), sae.d_model)
+    return sae_recon(sae, None if lens is None else lens.to(device))
+
+
 def replacement_comparison(mlsae_dir: Path, mlsae: dict, folders: dict[int, Path],
                            evals: _Evaluations, replace: str | None,
                            curve_points: int) -> dict | None:
@@ -186,7 +202,7 @@ def replacement_comparison(mlsae_dir: Path, mlsae: dict, folders: dict[int, Path
     spec = replace if replace is not None else (own or {}).get("layers")
     if spec is None:
         return None
-    sae = load_sae(mlsae_dir)
+    sae = load_sae(mlsae_dir, lens_ok=True)
     wanted = select_layers(spec, sae_layers(sae), "--replace")
     layers = [v for v in wanted if v in folders]
     if not layers:
@@ -201,13 +217,16 @@ def replacement_comparison(mlsae_dir: Path, mlsae: dict, folders: dict[int, Path
         mine, counts = own, [p["n_layers"] for p in own["curve"]]
     else:
         counts = curve_counts(len(layers), curve_points)
-        _, _, st = evaluate_batches(sae.to(lm.device), lm, [], batch_list, data_cfg, empty,
-                                    evals.progress, replace=layers, curve=counts)
+        sae.to(lm.device)
+        _, _, st = evaluate_batches(sae, lm, [], batch_list, data_cfg, empty,
+                                    evals.progress, replace=layers, curve=counts,
+                                    recon=run_recon(mlsae_dir, sae, lm.device))
         mine = st.result()
-    saes = {v: load_sae(folders[v]).to(lm.device) for v in layers}
+    saes = {v: load_sae(folders[v], lens_ok=True).to(lm.device) for v in layers}
+    recons = {v: run_recon(folders[v], saes[v], lm.device) for v in layers}
     _, _, st = evaluate_batches(saes[layers[0]], lm, [], batch_list, data_cfg, empty,
                                 evals.progress, replace=layers, curve=counts,
-                                recon=saes_recon(saes))
+                                recon=lambda layer, x: recons[layer](layer, x))
     return {"layers": layers, "dataset": mlsae.get("dataset"), "tokens": tokens,
             "mlsae": mine, "baseline": st.result()}
 
@@ -249,10 +268,10 @@ def compare(mlsae_dir: str | Path, baselines_dir: str | Path, out_dir: str | Pat
     from mlsae.plots.eval import compare_figure
 
     mlsae_dir, root = Path(mlsae_dir), Path(baselines_dir)
-    load_sae(mlsae_dir)  # a missing or broken checkpoint fails here, before any work
+    sae = load_sae(mlsae_dir, lens_ok=True)  # a missing or broken checkpoint fails here
     folders = baseline_folders(root)
     out = Path(out_dir) if out_dir is not None else mlsae_dir
-    folders = imported_baselines(folders, load_sae(mlsae_dir), out / "imported_baselines")
+    folders = imported_baselines(folders, sae, out / "imported_baselines")
     evals = _Evaluations(opts or TextOptions(), "zero", lm, progress)
     mlsae = evals.get(mlsae_dir)
     evals.follow(mlsae)

@@ -1,5 +1,5 @@
 """`mlsae eval`: per-layer reconstruction and spliced downstream loss of a checkpoint (SPEC §4).
-Uses runs, data, the LM adapter, the SAE and metrics.
+Uses runs, data, the LM adapter, the SAE, the tuned lens and metrics.
 
 Positions. Reconstruction metrics (FVU, MSE, L0, alive) use the included positions (SPEC §2).
 The downstream loss is next-token cross-entropy at the "CE positions": positions t that are
@@ -16,6 +16,12 @@ positions keep their clean x_l), and the model continues from block l+1 to the l
 `ce_zero` in the results is the CE under whichever ablation `ablation` names.
 dCE_l = CE_recon - CE_clean; CE recovered = (CE_zero - CE_recon) / (CE_zero - CE_clean) (null
 when the denominator is 0); KL_l = mean over CE positions of KL(p_clean || p_recon).
+
+Lens runs (`mlsae train --lens`, SPEC §7). The SAE encodes translated vectors, so every
+reconstruction here (FVU / MSE / L0, the recon splice, the multi-layer replacement) is
+x_l -> h' = lens.translate(x_l) -> SAE -> lens.inverse (the exact solve) -> x^_l, and is
+scored and spliced in the ORIGINAL space; the ablations are of x_l itself, as without a lens.
+eval.json then names the lens (`lens`).
 
 Multi-layer replacement (`--replace`, SPEC §4). The chosen layers S (depth order) are all
 replaced at once, free-running: the forward runs to S[0], x_S[0] is replaced by the SAE's
@@ -57,6 +63,7 @@ from mlsae.activations.capture import exclude_outliers, outlier_tally
 from mlsae.config import DataConfig
 from mlsae.data import include_mask
 from mlsae.errors import UserError
+from mlsae.lens import TunedLens, sae_lens
 from mlsae.lm import LanguageModel
 from mlsae.metrics import ReconstructionStats, f64
 from mlsae.options import TextOptions, add_text_options, text_options
@@ -114,12 +121,20 @@ def cross_entropy(logp: Tensor, targets: Tensor) -> Tensor:
 
 
 @torch.inference_mode()
-def reconstruct(sae: MLSAE, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def reconstruct(sae: MLSAE, x: Tensor, lens: TunedLens | None = None,
+                layers: Sequence[int] | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """SAE forward on `x [layer, token, d_model]`, one layer at a time (bounds the dense
     pre-activations to one layer) -> x_hat `[layer, token, d_model]`, acts, idx `[layer, token, k]`.
-    """
-    outs = [sae(x[i]) for i in range(x.shape[0])]
-    return (torch.stack([o.x_hat for o in outs]), torch.stack([o.code.acts for o in outs]),
+    With a `lens` (a lens run; `layers`: the LM blocks of x's slices) the SAE encodes the
+    translated x and x_hat is mapped back with the exact inverse: x_hat is in x's space."""
+    outs, xs = [], []
+    for i in range(x.shape[0]):
+        xi = x[i] if lens is None else lens.translate(x[i][None], [layers[i]])[0]
+        out = sae(xi)
+        x_hat = out.x_hat if lens is None else lens.inverse(out.x_hat[None], [layers[i]])[0]
+        outs.append(out)
+        xs.append(x_hat)
+    return (torch.stack(xs), torch.stack([o.code.acts for o in outs]),
             torch.stack([o.code.idx for o in outs]))
 
 
@@ -254,9 +269,12 @@ class _Head:
 Recon = Callable[[int, Tensor], Tensor]  # (layer, x [token, d_model]) -> x_hat [token, d_model]
 
 
-def sae_recon(sae: MLSAE) -> Recon:
-    """The reconstruction of one SAE, whatever the layer."""
-    return lambda _layer, x: sae(x).x_hat
+def sae_recon(sae: MLSAE, lens: TunedLens | None = None) -> Recon:
+    """The reconstruction of one SAE, whatever the layer; with a `lens` (a lens run):
+    translate, SAE, exact inverse, so the result is in the original space."""
+    if lens is None:
+        return lambda _layer, x: sae(x).x_hat
+    return lambda layer, x: reconstruct(sae, x[None], lens, [layer])[0][0]
 
 
 def saes_recon(saes: dict[int, MLSAE]) -> Recon:
@@ -295,19 +313,21 @@ def evaluate_batches(sae: MLSAE, lm: LanguageModel, layers: list[int],
                      batches: Sequence[Tensor], data_cfg: DataConfig, ablation: Tensor,
                      progress: bool = True, replace: list[int] | None = None,
                      curve: list[int] | None = None, recon: Recon | None = None,
+                     lens: TunedLens | None = None,
                      ) -> tuple[ReconstructionStats | None, SpliceStats | None,
                                 ReplacementStats | None]:
     """Stream `[batch, seq]` token batches; `ablation [layer, d_model]` is what x_l becomes.
 
     `layers` may be empty (replacement only). `replace`: the layers of the multi-layer
     replacement (None: none), with the curve's `curve` counts (default: every n) and
-    `recon` (default: `sae`'s reconstruction at every layer)."""
+    `recon` (default: `sae`'s reconstruction at every layer). `lens`: the lens of a lens
+    run; every reconstruction of `sae` goes through it (module docstring)."""
     rec = ReconstructionStats(len(layers), sae.d_model, sae.n_latents) if layers else None
     ce = SpliceStats(len(layers)) if layers else None
     rep = None
     if replace:
         rep = ReplacementStats(list(replace), list(curve or range(1, len(replace) + 1)))
-        recon = recon or sae_recon(sae)
+        recon = recon or sae_recon(sae, lens)
     need = sorted(set(layers) | set(replace or ()))
     at = {layer: i for i, layer in enumerate(need)}
     head = None
@@ -328,7 +348,7 @@ def evaluate_batches(sae: MLSAE, lm: LanguageModel, layers: list[int],
         if not layers:
             continue
         x = own[:, mask].float()  # [layer, token, d_model]
-        x_hat, acts, idx = reconstruct(sae, x)
+        x_hat, acts, idx = reconstruct(sae, x, lens, layers)  # x_hat in x's (original) space
         rec.update(x, x_hat, acts, idx)
         ce.n += int(pos.sum())
         n_pos = int(pos.sum())
@@ -388,7 +408,8 @@ def evaluate(checkpoint: str | Path, opts: TextOptions, out: str | Path | None =
         raise UserError(f"--ablation {ablation!r}: choose one of {', '.join(ABLATIONS)}")
     check_text_options(opts)
     t0 = time.perf_counter()
-    sae = load_sae(checkpoint)
+    sae = load_sae(checkpoint, lens_ok=True)
+    lens = sae_lens(checkpoint, sae.config, sae_layers(sae), sae.d_model)  # None: no lens
     chosen = select_layers(layers, sae_layers(sae))
     replaced = None if replace is None else select_layers(replace, sae_layers(sae), "--replace")
     counts = curve_counts(len(replaced), curve_points) if replaced else None
@@ -397,6 +418,8 @@ def evaluate(checkpoint: str | Path, opts: TextOptions, out: str | Path | None =
     else:
         check_lm_matches(sae, lm)
     sae.to(lm.device)
+    if lens is not None:
+        lens.to(lm.device)
     data_cfg, batch_list, tokens = eval_batches(sae, lm, opts)
     if ablation == "mean":
         values = layer_means(lm, chosen, batch_list, data_cfg).to(lm.device)
@@ -404,7 +427,7 @@ def evaluate(checkpoint: str | Path, opts: TextOptions, out: str | Path | None =
         values = torch.zeros(len(chosen), lm.d_model, device=lm.device)
     with outlier_tally() as tally, freed_memory_kept():
         rec, ce, rep = evaluate_batches(sae, lm, chosen, batch_list, data_cfg, values, progress,
-                                        replace=replaced, curve=counts)
+                                        replace=replaced, curve=counts, lens=lens)
     if rec.n == 0:
         raise UserError("every position of the evaluation text is excluded (special tokens "
                         "/ exclude_first)")
@@ -421,6 +444,8 @@ def evaluate(checkpoint: str | Path, opts: TextOptions, out: str | Path | None =
     }
     if rep is not None:
         result["replacement"] = rep.result()
+    if lens is not None:
+        result["lens"] = sae.config["run"]["train"]["lens"]
     note = shortfall_note(opts, data_cfg.ctx_len, tokens)
     if note:
         result["note"] = note

@@ -25,7 +25,9 @@ def export(checkpoint: str | Path, out: str | Path, format: str = "saelens",
            private: bool = False, token: str | None = None) -> dict:
     """Export `checkpoint` to folder `out`; with `push_to_hub`, upload `out` to that repo.
     Returns the exporter's result plus "repo" when uploaded."""
-    sae = load_sae(checkpoint)
+    sae = load_sae(checkpoint, why="SAELens has no tuned lens, so the exported SAE would "
+                   "encode untranslated resid_post and reconstruct the wrong space; export is "
+                   "refused")
     if layers is not None and sae.layers is not None:
         bad = [v for v in layers if v not in sae.layers]
         if bad:

@@ -50,15 +50,20 @@ def run_data_config(sae: MLSAE, opts: TextOptions) -> DataConfig:
     return cfg
 
 
-def load_sae(path: str | Path, device: str = "cpu", lens_ok: bool = False) -> MLSAE:
+LENS_COMMANDS = "eval, serve, compare, analyze, examples, features, report and mmcs"
+
+
+def load_sae(path: str | Path, device: str = "cpu", lens_ok: bool = False,
+             why: str | None = None) -> MLSAE:
     """A run's SAE. A run trained with `--lens` encodes TRANSLATED vectors (mlsae.lens):
     callers that apply the lens pass `lens_ok=True`; the others refuse such a run with one
-    line rather than report numbers for untranslated inputs."""
+    line (`why`: the reason, default "this command does not apply the lens") rather than
+    report numbers for untranslated inputs."""
     sae = MLSAE.from_pretrained(path, device=device)
     if not lens_ok and ((sae.config.get("run") or {}).get("train") or {}).get("lens"):
-        raise UserError(f"{str(path)!r} was trained with --lens: this command does not apply "
-                        "the lens yet (mlsae analyze, examples, report and the held-out "
-                        "summary after training do)")
+        raise UserError(f"{str(path)!r} was trained with --lens: "
+                        f"{why or 'this command does not apply the lens'} (mlsae "
+                        f"{LENS_COMMANDS} do)")
     return sae
 
 

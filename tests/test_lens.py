@@ -179,8 +179,11 @@ def test_analyze_lens_run_encodes_translated_vectors(lens_run, tiny_lm):
     torch.testing.assert_close(totals, want, rtol=1e-5, atol=1e-4)
 
 
-def test_commands_without_lens_support_refuse_lens_runs(lens_run, capsys):
+def test_commands_without_lens_support_refuse_lens_runs(lens_run, capsys, tmp_path):
+    """export has no lens to write (SAELens has none); eval, serve and compare apply it
+    (tests/test_lens_runs.py)."""
     from mlsae.cli import main
     run, _ = lens_run
-    assert main(["eval", str(run), "--tokens", "64"]) == 2
-    assert "trained with --lens" in capsys.readouterr().err
+    assert main(["export", str(run), "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "trained with --lens" in err and "SAELens has no tuned lens" in err

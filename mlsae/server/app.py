@@ -17,9 +17,10 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from mlsae.errors import UserError
+from mlsae.lens import TunedLens, sae_lens
 from mlsae.lm import LanguageModel
 from mlsae.options import TextOptions
-from mlsae.runs import check_lm_matches, load_run_lm, load_sae
+from mlsae.runs import check_lm_matches, load_run_lm, load_sae, sae_layers
 from mlsae.sae import MLSAE
 from mlsae.server import DEFAULT_MAX_PROMPT_TOKENS
 from mlsae.server import models as M
@@ -33,10 +34,12 @@ def create_app(run_dir: str | Path, lm: LanguageModel | None = None, sae: MLSAE 
                max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS, model: str | None = None,
                device: str = "auto") -> FastAPI:
     """The explorer for the run in `run_dir`. `sae` defaults to the run's checkpoint, `lm` to
-    the run's model (or `model`) loaded on `device`; a given `lm` is checked against the SAE."""
+    the run's model (or `model`) loaded on `device`; a given `lm` is checked against the SAE.
+    A lens run (`mlsae train --lens`) is served through its lens (mlsae.server.explorer)."""
     if max_prompt_tokens < 1:  # checked before minutes of model loading
         raise UserError(f"--max-prompt-tokens must be positive, got {max_prompt_tokens}")
-    explorer = Explorer(run_dir, *_load(run_dir, lm, sae, model, device), max_prompt_tokens)
+    sae, lm, lens = _load(run_dir, lm, sae, model, device)
+    explorer = Explorer(run_dir, sae, lm, max_prompt_tokens, lens)
     app = FastAPI(title="mlsae explorer", summary="Prompt, latent and logit views of a "
                   "multi-layer SAE run", description=explorer.info().steering)
     _add_error_handlers(app)
@@ -46,17 +49,18 @@ def create_app(run_dir: str | Path, lm: LanguageModel | None = None, sae: MLSAE 
 
 
 def _load(run_dir: str | Path, lm: LanguageModel | None, sae: MLSAE | None,
-          model: str | None, device: str) -> tuple[MLSAE, LanguageModel]:
+          model: str | None, device: str) -> tuple[MLSAE, LanguageModel, TunedLens | None]:
     if not (Path(run_dir) / "config.json").is_file():
         raise UserError(f"run {str(run_dir)!r}: no such run folder (expected config.json and "
                         "model.safetensors)")
-    sae = sae if sae is not None else load_sae(run_dir)
+    sae = sae if sae is not None else load_sae(run_dir, lens_ok=True)
     if lm is None:
         lm = load_run_lm(sae, TextOptions(model=model, device=device))
     else:
         check_lm_matches(sae, lm)
     sae.to(lm.device).eval()
-    return sae, lm
+    lens = sae_lens(run_dir, sae.config, sae_layers(sae), sae.d_model)  # None: no lens
+    return sae, lm, None if lens is None else lens.to(lm.device)
 
 
 def _add_routes(app: FastAPI, ex: Explorer) -> None:

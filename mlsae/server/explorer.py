@@ -7,8 +7,17 @@ written by `mlsae analyze` / `mlsae examples` while the server runs are picked u
 
 Prompts. Token 0 is the EOS token that starts every document in the packed training text,
 so a prompt reads like the start of a training document; like every excluded position
-(position 0, special tokens: `mlsae.data.include_mask` with the run's settings) it is shown,
-but it is left out of the heatmap statistics, the reconstruction splice and steering.
+(position 0, special tokens: `mlsae.data.include_mask` with the run's settings; and, with the
+run's `exclude_outliers`, every token whose resid_post norm at any of the SAE's layers exceeds
+that factor times the layer's median over the prompt's included tokens, as in training and
+`mlsae.activations.batch_activations`) it is shown, marked excluded, but it is left out of the
+heatmap statistics, the reconstruction splice and steering.
+
+Lens runs (`mlsae train --lens`). The SAE encodes translated vectors h' = lens.translate(x_l):
+the prompt, token and latent views show codes of h'; the logits splice uses
+lens.inverse(SAE(h')) (the exact inverse, original space); steering adds
+factor * (std'_t + eps) * W_dec[f] to h' (std'_t of h'_t) and maps the result back with the
+inverse, i.e. x_l(t) changes by that vector through (I + W_l^T)^{-1}.
 
 Steering adds `factor * (std_t + eps) * W_dec[f]` to resid_post of layer l at every included
 position t, where std_t is the standard deviation over d_model of that position's own vector
@@ -34,11 +43,13 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
+from mlsae.activations.capture import exclude_outliers
 from mlsae.analysis.features import FEATURES, logit_effects, read_latent
 from mlsae.analysis.layer_dist import heatmap_latents, prompt_distribution
 from mlsae.analysis.top_examples import query_examples
 from mlsae.data import include_mask
 from mlsae.errors import UserError
+from mlsae.lens import TunedLens
 from mlsae.lm import LanguageModel
 from mlsae.options import TextOptions
 from mlsae.runs import run_data_config, sae_layers
@@ -54,6 +65,11 @@ STEERING_DOC = ("x_l(t) += factor * (std_t + eps) * W_dec[f] at every included p
                 "std_t the standard deviation over d_model of x_l(t) (the SAE's per-vector "
                 "standardization): the same as raising latent f's activation by factor in "
                 "the SAE's decoder")
+STEERING_DOC_LENS = ("lens run: h' = lens(x_l) (the tuned lens the SAE encodes); h'(t) += "
+                     "factor * (std'_t + eps) * W_dec[f] at every included position t, std'_t "
+                     "the standard deviation over d_model of h'(t), then x_l = the exact "
+                     "inverse of the lens: the same as raising latent f's activation by factor "
+                     "in the SAE's decoder")
 
 
 class NotFound(UserError):
@@ -64,9 +80,9 @@ class Explorer:
     """A run's SAE with its LM, ready to answer the API's questions (see module docstring)."""
 
     def __init__(self, run_dir: str | Path, sae: MLSAE, lm: LanguageModel,
-                 max_prompt_tokens: int):
+                 max_prompt_tokens: int, lens: TunedLens | None = None):
         self.run_dir = Path(run_dir)
-        self.sae, self.lm = sae, lm
+        self.sae, self.lm, self.lens = sae, lm, lens
         self.layers = sae_layers(sae)
         self.data_cfg = run_data_config(sae, TextOptions())
         self.max_prompt_tokens = max_prompt_tokens
@@ -102,14 +118,30 @@ class Explorer:
         return [M.Token(position=i, id=t, text=self.lm.tokenizer.decode([t]), included=m)
                 for i, (t, m) in enumerate(zip(ids[0].tolist(), mask[0].tolist()))]
 
-    def _mask(self, ids: Tensor) -> Tensor:
-        return include_mask(ids, self.lm.special_ids, self.data_cfg)
+    @torch.inference_mode()
+    def _capture(self, ids: Tensor) -> tuple[Tensor, Tensor]:
+        """resid_post of the SAE's layers `[layer, 1, T, d]` and the include mask `[1, T]`
+        (CPU): the run's exclusions, outliers included (module docstring)."""
+        resid = self.lm.resid_post(ids, self.layers)
+        mask = include_mask(ids, self.lm.special_ids, self.data_cfg)
+        return resid, exclude_outliers(resid, mask, self.data_cfg).cpu()
+
+    def _translate(self, x: Tensor, layer: int) -> Tensor:
+        """What the SAE encodes of `x [T, d]` at LM block `layer` (float32): x, or for a lens
+        run its translation."""
+        x = x.float()
+        return x if self.lens is None else self.lens.translate(x[None], [layer])[0]
+
+    def _inverse(self, y: Tensor, layer: int) -> Tensor:
+        """Back from the SAE's space to resid_post at `layer` (the exact inverse of the lens)."""
+        return y if self.lens is None else self.lens.inverse(y[None], [layer])[0]
 
     @torch.inference_mode()
-    def _codes(self, ids: Tensor) -> tuple[Tensor, Tensor]:
-        """acts, idx `[layer, T, k]` at every position (excluded ones too, for display)."""
-        resid = self.lm.resid_post(ids, self.layers)[:, 0].float()  # [layer, T, d]
-        codes = [self.sae.encode(x) for x in resid]  # per layer: bounds [T, n_latents]
+    def _codes(self, resid: Tensor) -> tuple[Tensor, Tensor]:
+        """acts, idx `[layer, T, k]` at every position (excluded ones too, for display) from
+        `resid [layer, 1, T, d]`."""
+        codes = [self.sae.encode(self._translate(resid[i, 0], layer))  # bounds [T, n_latents]
+                 for i, layer in enumerate(self.layers)]
         return (torch.stack([c.acts for c in codes]).cpu(),
                 torch.stack([c.idx for c in codes]).cpu())
 
@@ -119,15 +151,22 @@ class Explorer:
                       n_latents=self.sae.n_latents, k=self.sae.k, layers=self.layers,
                       lm_layers=self.lm.n_layers, max_prompt_tokens=self.max_prompt_tokens,
                       exclude_first=cfg.exclude_first, exclude_special=cfg.exclude_special,
+                      exclude_outliers=float(getattr(cfg, "exclude_outliers", 0.0) or 0.0),
+                      lens=self._lens_source(),
                       has_distributions=(self.run_dir / DISTS).is_file(),
                       has_examples=(self.run_dir / EXAMPLES).is_file(),
-                      steering=STEERING_DOC)
+                      steering=STEERING_DOC if self.lens is None else STEERING_DOC_LENS)
+
+    def _lens_source(self) -> str | None:
+        if self.lens is None:
+            return None
+        return ((self.sae.config.get("run") or {}).get("train") or {}).get("lens") or "lens"
 
     def prompt(self, req: M.PromptRequest) -> M.PromptResponse:
         with self._lock:
             ids = self.tokenize(req.prompt)
-            mask = self._mask(ids)
-            acts, idx = self._codes(ids)
+            resid, mask = self._capture(ids)
+            acts, idx = self._codes(resid)
             tokens = self._tokens(ids, mask)
         totals = prompt_distribution(idx, acts, self.sae.n_latents, mask[0])  # [layer, n]
         latents, probs = heatmap_latents(totals, req.top_latents)
@@ -141,8 +180,9 @@ class Explorer:
             if req.position >= ids.shape[1]:
                 raise UserError(f"position {req.position} is past the prompt's last token "
                                 f"({ids.shape[1] - 1})")
-            acts, idx = self._codes(ids)  # the whole prompt: the same numbers as its heatmap
-            token = self._tokens(ids, self._mask(ids))[req.position]
+            resid, mask = self._capture(ids)
+            acts, idx = self._codes(resid)  # the whole prompt: the same numbers as its heatmap
+            token = self._tokens(ids, mask)[req.position]
         vals, order = acts[:, req.position].sort(-1, descending=True)  # [layer, k]
         ids_ = idx[:, req.position].gather(-1, order)
         per_layer = [M.LayerLatents(layer=layer, latents=[
@@ -160,10 +200,12 @@ class Explorer:
             clean = self.lm.logits(ids)[0, -1].float().log_softmax(-1).cpu()
             spliced = None
             if req.layer is not None:
-                resid = self.lm.resid_post(ids, [req.layer])[0]  # [1, T, d]
-                mask = self._mask(ids).to(resid.device)
+                all_resid, mask = self._capture(ids)
+                resid = all_resid[self.layers.index(req.layer)]  # [1, T, d]
+                mask = mask.to(resid.device)
                 if mask.any():  # excluded positions keep their own vectors, as in eval
-                    x_hat = self.sae.decode(self.sae.encode(resid[mask].float()))
+                    y = self._translate(resid[mask], req.layer)
+                    x_hat = self._inverse(self.sae.decode(self.sae.encode(y)), req.layer)
                     resid[mask] = x_hat.to(resid.dtype)
                 logp = self.lm.logits_from(ids, req.layer, resid)[0, -1].float()
                 spliced = self._compare(clean, logp.log_softmax(-1).cpu(), req.layer, req.top)
@@ -177,12 +219,17 @@ class Explorer:
             self._check_layer(req.layer)
             ids = self.tokenize(req.prompt)
             clean = self.lm.logits(ids)[0, -1].float().log_softmax(-1).cpu()
-            resid = self.lm.resid_post(ids, [req.layer])[0]  # [1, T, d]
-            mask = self._mask(ids).to(resid.device)
+            all_resid, mask = self._capture(ids)
+            resid = all_resid[self.layers.index(req.layer)]  # [1, T, d]
+            mask = mask.to(resid.device)
             x = resid[0].float()
-            std = self.sae.encode(x).std  # [T, 1], the SAE's own per-vector std
+            y = self._translate(x, req.layer)  # what the SAE encodes
+            std = self.sae.encode(y).std  # [T, 1], the SAE's own per-vector std
             add = req.factor * self.sae.out_scale(std) * self.sae.W_dec[req.latent].float()
             add = add * mask[0, :, None]  # excluded positions are left alone
+            if self.lens is not None:  # the change of x_l that makes h' change by `add`
+                add = self._inverse(y + add, req.layer) - self._inverse(y, req.layer)
+                add = add * mask[0, :, None]
             rel = (add.norm(dim=-1) / x.norm(dim=-1).clamp_min(1e-12))[mask[0]]
             logp = self.lm.logits_from(ids, req.layer, (x + add)[None].to(resid.dtype))
             steered = self._compare(clean, logp[0, -1].float().log_softmax(-1).cpu(),

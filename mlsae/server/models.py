@@ -38,6 +38,11 @@ class Info(BaseModel):
     max_prompt_tokens: int
     exclude_first: int
     exclude_special: bool
+    exclude_outliers: float = Field(0.0, description="the run's outlier rule: a prompt token "
+                                    "whose norm at any layer exceeds this many times the "
+                                    "layer's median over the prompt is excluded (0: off)")
+    lens: str | None = Field(None, description="a lens run's tuned lens (mlsae train --lens): "
+                             "the SAE encodes translated vectors; None without one")
     has_distributions: bool = Field(description="<run>/analysis/dists.safetensors exists")
     has_examples: bool = Field(description="<run>/analysis/examples.sqlite exists")
     steering: str = Field(description="how a steering factor is applied")
