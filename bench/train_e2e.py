@@ -210,12 +210,14 @@ def _whole_process(cmd: list[str]) -> dict:
     return out
 
 
-def e2e_mlsae(eval_tokens: int, dtype: str = "auto") -> dict:
-    """`mlsae train` on W1 for E2E_TOKENS tokens, as a user runs it (model load included)."""
+def e2e_mlsae(eval_tokens: int | None, dtype: str = "auto") -> dict:
+    """`mlsae train` on W1 for E2E_TOKENS tokens, as a user runs it (model load included);
+    `eval_tokens` None: the default held-out summary."""
     with tempfile.TemporaryDirectory() as tmp:
+        summary = [] if eval_tokens is None else ["--eval-tokens", str(eval_tokens)]
         res = _whole_process([sys.executable, "-m", "mlsae", "train", "--tokens",
-                              str(E2E_TOKENS), "--eval-tokens", str(eval_tokens), "--dtype",
-                              dtype, "--log-every", "1", "--out", f"{tmp}/run"])
+                              str(E2E_TOKENS), *summary, "--dtype", dtype, "--log-every", "1",
+                              "--out", f"{tmp}/run"])
         rows = [json.loads(r) for r in open(f"{tmp}/run/metrics.jsonl")] if "error" not in \
             res else []
     if rows:
@@ -251,7 +253,7 @@ def e2e_sparsify() -> dict:
 
 
 E2E = {"e2e_mlsae_no_eval": lambda: e2e_mlsae(0),
-       "e2e_mlsae_default_eval": lambda: e2e_mlsae(20_000),
+       "e2e_mlsae_default_eval": lambda: e2e_mlsae(None),
        "e2e_sparsify": e2e_sparsify}
 
 

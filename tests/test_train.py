@@ -127,6 +127,46 @@ def test_single_layer_baseline_uses_same_code(tiny_lm, text_file, tmp_path):
     assert MLSAE.from_pretrained(tmp_path / "run").config["layers"] == [2]
 
 
+def test_runs_trained_apart_equal_runs_trained_alone(tiny_lm, text_file, tmp_path):
+    """`train_apart` (the baselines' shared LM forward) gives every single-layer run exactly
+    what training it alone gives: same weights, same metrics, same held-out summary, with an
+    outlier rule that drops different tokens at different layers."""
+    from dataclasses import replace
+
+    from mlsae.train import train_apart
+
+    def cfg(layer, out):
+        c = small_cfg(text_file, out, layers=str(layer), tokens=4 * 32 * 6, dead_tokens=100)
+        c.data = replace(c.data, exclude_outliers=1.4)  # tiny random model: some per layer
+        return c
+
+    alone = {v: train(cfg(v, tmp_path / f"alone{v}"), lm=tiny_lm, progress=False)
+             for v in (0, 2, 3)}
+    seen = {v: r["trainer"].tokens_seen for v, r in alone.items()}
+    assert len(set(seen.values())) > 1, seen  # the outlier rule differs by layer
+    res = train_apart([(cfg(v, tmp_path / f"apart{v}"), tmp_path / f"apart{v}")
+                       for v in (0, 2, 3)], tmp_path / "data_index.jsonl", lm=tiny_lm,
+                      progress=False)
+    assert res["finished"] and [tr.layers for tr in res["trainers"]] == [[0], [2], [3]]
+    for v, tr in zip((0, 2, 3), res["trainers"]):
+        assert tr.tokens_seen == seen[v]
+        a = load_file(tmp_path / f"alone{v}" / "model.safetensors")
+        b = load_file(tmp_path / f"apart{v}" / "model.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        for name in ("metrics.jsonl", "summary.json"):
+            ra = (tmp_path / f"alone{v}" / name).read_text()
+            rb = (tmp_path / f"apart{v}" / name).read_text()
+            if name == "metrics.jsonl":  # wall-clock rate aside
+                ra, rb = ([{k: x for k, x in json.loads(r).items() if k != "tokens_per_s"}
+                           for r in t.splitlines()] for t in (ra, rb))
+            assert ra == rb
+    with pytest.raises(UserError, match="agree on everything but their layers"):
+        other = cfg(1, tmp_path / "x")
+        other.sae.k = 4
+        train_apart([(cfg(0, tmp_path / "y"), tmp_path / "y"), (other, tmp_path / "x")],
+                    tmp_path / "i.jsonl", lm=tiny_lm, progress=False)
+
+
 def test_dead_latents_are_revived_by_auxk(tiny_lm, text_file, tmp_path):
     """With AuxK the dead fraction falls; the counters reset when a latent fires."""
     res = train(small_cfg(text_file, tmp_path / "run", dead_tokens=100, tokens=4 * 32 * 20),

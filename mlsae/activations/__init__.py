@@ -4,6 +4,6 @@ activation cache that stores them once for many trainings (`cache`).
 Uses the LM adapter and data; nothing above them.
 """
 
-from mlsae.activations.capture import batch_activations, check_finite
+from mlsae.activations.capture import LayerBatch, batch_activations, check_finite, layer_batch
 
-__all__ = ["batch_activations", "check_finite"]
+__all__ = ["LayerBatch", "batch_activations", "check_finite", "layer_batch"]

@@ -14,6 +14,7 @@ median, for `mlsae eval` and `mlsae analyze` to report.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -110,6 +111,41 @@ def batch_activations(lm: LanguageModel, input_ids: Tensor, layers: list[int],
     if device is not None:
         x = x.to(device)
     return x, mask
+
+
+class LayerBatch(NamedTuple):
+    """One batch's activations for runs on DIFFERENT layer subsets sharing one LM forward
+    (the single-layer baselines): `x [layer, token, d_model]` at the positions included before
+    the outlier rule, `outlier [layer, token]` (None without --exclude-outliers) and the LM
+    blocks of the rows. `select(blocks)` gives exactly what `batch_activations` gives a run on
+    `blocks` alone: its outlier rule looks only at its own layers."""
+
+    x: Tensor
+    outlier: Tensor | None
+    layers: list[int]
+
+    def select(self, blocks: list[int]) -> Tensor:
+        """`[len(blocks), token, d_model]`: the rows of `blocks`, without their outliers."""
+        rows = [self.layers.index(b) for b in blocks]
+        x = self.x if rows == list(range(len(self.layers))) else self.x[rows]
+        if self.outlier is None:
+            return x
+        keep = ~self.outlier[rows].any(0)
+        return x if bool(keep.all()) else x[:, keep]
+
+
+def layer_batch(lm: LanguageModel, input_ids: Tensor, layers: list[int], data_cfg: DataConfig,
+                device=None) -> LayerBatch:
+    """Like `batch_activations`, but the outlier rule is left for `LayerBatch.select`."""
+    mask = include_mask(input_ids, lm.special_ids, data_cfg)
+    resid = lm.resid_post(input_ids, layers)  # [layer, batch, seq, d_model]
+    factor = float(getattr(data_cfg, "exclude_outliers", 0.0) or 0.0)
+    out = outliers(resid, mask, factor) if factor > 0 else None
+    x = resid[:, mask.to(resid.device)].float()
+    if device is not None:
+        x = x.to(device)
+        out = out.to(device) if out is not None else None
+    return LayerBatch(x, out, list(layers))
 
 
 def check_finite(x: Tensor, what: str, step: int) -> None:

@@ -20,7 +20,7 @@ from torch import Tensor
 from torch.distributed import ReduceOp
 from tqdm.auto import tqdm
 
-from mlsae.activations import batch_activations, check_finite
+from mlsae.activations import LayerBatch, batch_activations, check_finite, layer_batch
 from mlsae.config import RunConfig
 from mlsae.data import TokenSource, batches, include_mask
 from mlsae.errors import UserError
@@ -70,9 +70,10 @@ def agree_to_stop(stop: StopFlag, d_: Dist, device: torch.device) -> bool:
 
 
 def lm_stream(lm: LanguageModel, source: TokenSource, cfg: RunConfig, layers: list[int],
-              start: int, device: torch.device, d_: Dist, index=None
-              ) -> Iterator[tuple[Tensor, int]]:
-    """(x [layer, token, d_model] of this rank's sequences, sequences in the global batch).
+              start: int, device: torch.device, d_: Dist, index=None, apart: bool = False
+              ) -> Iterator[tuple[Tensor | LayerBatch, int]]:
+    """(x [layer, token, d_model] of this rank's sequences, sequences in the global batch);
+    `apart`: a LayerBatch instead, for trainers on different layers (each takes its rows).
 
     `index`: the run's data_index.jsonl (resume points; written by rank 0 only). The first
     batch is read and checked eagerly, so an empty or all-excluded dataset fails before any
@@ -86,8 +87,11 @@ def lm_stream(lm: LanguageModel, source: TokenSource, cfg: RunConfig, layers: li
 
     def gen():
         for ids in itertools.chain([first], it):
-            x, _ = batch_activations(lm, ids[d_.rank::d_.world], layers, cfg.data, device)
-            yield x, len(ids)
+            mine = ids[d_.rank::d_.world]
+            if apart:
+                yield layer_batch(lm, mine, layers, cfg.data, device), len(ids)
+            else:
+                yield batch_activations(lm, mine, layers, cfg.data, device)[0], len(ids)
 
     return gen()
 
@@ -95,7 +99,8 @@ def lm_stream(lm: LanguageModel, source: TokenSource, cfg: RunConfig, layers: li
 def fit(trainers: list[Trainer], stream: Iterator[tuple[Tensor, int]],
         on_step: Callable[[Trainer], None] | None = None, progress: bool = True,
         stop: StopFlag | None = None) -> bool:
-    """Train every trainer on the same activations (one LM forward per batch) to its token
+    """Train every trainer on the same activations (one LM forward per batch; from a
+    LayerBatch each takes the rows of its own layers) to its token
     budget. Returns False if stopped early by Ctrl-C or SIGTERM (`stop.signal` says which;
     checkpoints saved, every rank at the same step), True when done."""
     lead = trainers[0]
@@ -113,12 +118,13 @@ def fit(trainers: list[Trainer], stream: Iterator[tuple[Tensor, int]],
     try:
         while lead.step < lead.total_steps and not stopping:
             x, n_seq = next(stream)
-            check_finite(x, "activations", lead.step)
+            check_finite(x if isinstance(x, Tensor) else x.x, "activations", lead.step)
             tok0 += n_seq * cfg.data.ctx_len
             bar.update(n_seq * cfg.data.ctx_len)
             rate = tok0 / (time.perf_counter() - t0)
             for tr in trainers:
-                m = tr.sae_step(x.to(tr.device))
+                xi = x if isinstance(x, Tensor) else x.select(tr.layers)
+                m = tr.sae_step(xi.to(tr.device))
                 tr.sequences += n_seq
                 if m:
                     tr.log(m, rate)
@@ -147,26 +153,30 @@ def fit(trainers: list[Trainer], stream: Iterator[tuple[Tensor, int]],
 @torch.no_grad()
 def heldout_summaries(trainers: list[Trainer], lm: LanguageModel, source: TokenSource,
                       max_tokens: int, progress: bool = True, lens=None) -> list[dict | None]:
-    """Held-out FVU / MSE / L0 per layer for each trainer's SAE (exact float32 selection).
-    With a tuned `lens` (mlsae.lens.TunedLens) the SAE sees translated vectors and its
-    reconstruction is mapped back exactly: the metrics are in the original space."""
+    """Held-out FVU / MSE / L0 per layer for each trainer's SAE (exact float32 selection), on
+    its own layers (one LM forward per batch for all). With a tuned `lens`
+    (mlsae.lens.TunedLens) the SAE sees translated vectors and its reconstruction is mapped
+    back exactly: the metrics are in the original space."""
     seqs = source.eval_sequences(max_tokens)
     lead = trainers[0]
     if len(seqs) == 0:
         return [None] * len(trainers)
-    stats = [ReconstructionStats(len(lead.layers), lm.d_model, tr.n_latents) for tr in trainers]
+    layers = sorted(set().union(*(tr.layers for tr in trainers)))
+    stats = [ReconstructionStats(len(tr.layers), lm.d_model, tr.n_latents) for tr in trainers]
     for ids in tqdm(list(batches(iter(seqs), lead.cfg.train.batch_size)), desc="held-out",
                     disable=not progress, dynamic_ncols=True):
-        x, _ = batch_activations(lm, ids, lead.layers, lead.cfg.data, lead.device)
-        if x.shape[1] == 0:
-            continue
-        xs = x if lens is None else lens.translate(x, lead.layers)
+        batch = layer_batch(lm, ids, layers, lead.cfg.data, lead.device)
         for tr, st in zip(trainers, stats):
-            for i in range(len(lead.layers)):  # one layer at a time: the summary's peak
-                out = tr.sae(xs[i])            # memory stays below a training step's
+            x = batch.select(tr.layers)
+            if x.shape[1] == 0:
+                continue
+            xs = x if lens is None else lens.translate(x, tr.layers)
+            for i in range(len(tr.layers)):  # one layer at a time: the summary's peak
+                out = tr.sae(xs[i])          # memory stays below a training step's
                 x_hat = out.x_hat
                 if lens is not None:
-                    x_hat = lens.inverse(x_hat[None], lead.layers[i:i + 1])[0]
+                    x_hat = lens.inverse(x_hat[None], tr.layers[i:i + 1])[0]
                 st.update_layer(i, x[i], x_hat, out.code.acts, out.code.idx)
             st.n += x.shape[1]
-    return [dict(st.result(), layers=lead.layers) if st.n else None for st in stats]
+    return [dict(st.result(), layers=tr.layers) if st.n else None
+            for tr, st in zip(trainers, stats)]

@@ -10,6 +10,7 @@ import json
 import os
 import signal
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -21,6 +22,7 @@ from mlsae.errors import UserError
 from mlsae.lens import run_lens
 from mlsae.lm import LanguageModel, cast_lm, load_lm, resolve_device
 from mlsae.runtime import freed_memory_kept, resolve_lm_dtype
+from mlsae.train.checkpoint import CHECKPOINT
 from mlsae.train.distributed import barrier, init_from_env
 from mlsae.train.loop import StopFlag, fit, heldout_summaries, lm_stream
 from mlsae.train.plan import adopt_cache_manifest, model_shape, plan_runs, settle_data, validate
@@ -43,8 +45,40 @@ def train(cfg: RunConfig | None = None, resume: str | os.PathLike | None = None,
         return _train(cfg, resume, given, lm, on_step, progress, sweep)
 
 
+def train_apart(plan: list[tuple[RunConfig, str | os.PathLike]], index: str | os.PathLike,
+                lm: LanguageModel | None = None, progress: bool = True) -> dict:
+    """Train several NEW runs that differ only in their layers (the single-layer baselines of
+    `mlsae baselines`) on one LM forward per batch: each run gets exactly what it would get
+    alone (its layers' rows, its own outlier rule, its own seed), at the cost of one run.
+
+    `plan`: [(config, run folder)]; `index`: where the shared data_index.jsonl goes. Returns
+    what `train` returns; every run folder is an ordinary one (`--resume` works on each)."""
+    plan = [(c, Path(folder)) for c, folder in plan]
+    lead = plan[0][0]
+    for c, folder in plan:
+        if _without_layers(c) != _without_layers(lead):
+            raise UserError(f"{str(folder)!r}: runs trained apart must agree on everything "
+                            "but their layers")
+        if (folder / CHECKPOINT).exists():
+            raise UserError(f"{str(folder)!r} already holds a run")
+    with freed_memory_kept():
+        return _train_plan(Path(index).parent, plan, False, lm, None, progress, None,
+                           index=Path(index))
+
+
+def _without_layers(cfg: RunConfig) -> dict:
+    d = cfg.to_dict()
+    d["train"] = {k: v for k, v in d["train"].items() if k not in ("layers", "out")}
+    return d
+
+
 def _train(cfg, resume, given, lm, on_step, progress, sweep) -> dict:
     root, plan = plan_runs(cfg, resume, given or {}, sweep)
+    return _train_plan(root, plan, resume is not None, lm, on_step, progress, sweep, given)
+
+
+def _train_plan(root, plan, resume, lm, on_step, progress, sweep, given=None,
+                index=None) -> dict:
     for c, _ in plan:
         validate(c)
     lead = plan[0][0]
@@ -66,7 +100,9 @@ def _train(cfg, resume, given, lm, on_step, progress, sweep) -> dict:
         n_layers, d_model = cache.manifest["n_lm_layers"], cache.manifest["d_model"]
     else:  # from the model's config alone: fail on bad flags before loading
         n_layers, d_model = model_shape(lead, lm)
-    layers = C.resolve_layers(lead.train.layers, n_layers)
+    own_layers = [C.resolve_layers(c.train.layers, n_layers) for c, _ in plan]
+    layers = sorted(set().union(*own_layers))  # what the stream carries
+    apart = any(ls != layers for ls in own_layers)  # runs on different layers
     for c, _ in plan:
         if c.sae.k > c.sae.expansion_factor * d_model:
             raise UserError(f"--k {c.sae.k} exceeds n_latents {c.sae.expansion_factor * d_model}")
@@ -77,8 +113,9 @@ def _train(cfg, resume, given, lm, on_step, progress, sweep) -> dict:
         lm = cast_lm(score_lm, lead.train.dtype, lead.train.blocks)
     for c, _ in plan:
         settle_data(c, lm.tokenizer if lm is not None else None)
-    trainers = [Trainer(c, d_model, layers, folder, device, dist_info) for c, folder in plan]
-    if resume is not None:
+    trainers = [Trainer(c, d_model, ls, folder, device, dist_info)
+                for (c, folder), ls in zip(plan, own_layers)]
+    if resume:
         for tr in trainers:
             tr.load()
         if len({(tr.step, tr.sequences) for tr in trainers}) > 1:
@@ -89,13 +126,15 @@ def _train(cfg, resume, given, lm, on_step, progress, sweep) -> dict:
         (root / "sweep.json").write_text(json.dumps(
             {"sweep": sweep, "runs": [f.name for _, f in plan]}, indent=2) + "\n")
     lens = run_lens(trainers[0].run_dir, lead.train.lens, layers, d_model)  # None: no lens
+    if lens is not None and apart:
+        raise UserError("runs trained apart (different layers) cannot take a tuned lens")
     start = trainers[0].sequences
     if cache is not None:
         stream = cache.batches(lead.train.batch_size, start, dist_info.rank, dist_info.world)
     else:
         source = TokenSource(lead.data, lm.tokenizer, lm.eos_id, seed=lead.train.seed)
         stream = lm_stream(lm, source, lead, layers, start, device, dist_info,
-                           index=root / "data_index.jsonl")
+                           index=index or root / "data_index.jsonl", apart=apart)
     if lens is not None:  # the SAE encodes translated vectors (mlsae.lens)
         stream = lens.translate_stream(stream, layers)
         for tr in trainers if dist_info.is_main else []:
