@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
             sys.modules["mlsae.train.distributed"].shutdown()
         return code
     except UserError as e:
-        print(f"mlsae {args.command}: error: {e}", file=sys.stderr)
+        print(f"mlsae {args.command}: error: {e.cli_message()}", file=sys.stderr)
         return 2
     except (TrainingDiverged, CheckpointError) as e:
         print(f"mlsae {args.command}: {e}", file=sys.stderr)

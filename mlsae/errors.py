@@ -6,6 +6,26 @@ class UserError(ValueError):
     """Bad input from the user: a flag, a path, a dataset, a checkpoint. A ValueError, so
     Python callers can catch it as one; the CLI prints its message as one line."""
 
+    def cli_message(self) -> str:
+        """The message as the command line says it (the same, unless it names an option)."""
+        return str(self)
+
+
+class OptionError(UserError):
+    """A bad value of one config field. `message` names the field as `{option}`: a Python
+    caller reads the field (`TrainConfig.log 'x': ...`), the CLI the flag (`--log 'x': ...`)."""
+
+    def __init__(self, field: str, message: str):
+        self.field, self.template = field, message  # field: `Class.name`
+        super().__init__(message.replace("{option}", field))
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.field.rsplit(".", 1)[-1].replace("_", "-")
+
+    def cli_message(self) -> str:
+        return self.template.replace("{option}", self.flag)
+
 
 class NotFound(UserError, FileNotFoundError):
     """A checkpoint, folder or file that does not exist (also a FileNotFoundError)."""

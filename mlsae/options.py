@@ -44,11 +44,15 @@ def number(kind: type):
     return parse
 
 
-def add_dataclass_options(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()):
-    """One --flag per field; defaults are SUPPRESSed so we know which flags were given."""
+def add_dataclass_options(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = (),
+                          only: tuple[str, ...] | None = None):
+    """One --flag per field (`only`: just these); defaults are SUPPRESSed so we know which
+    flags were given."""
     group = parser.add_argument_group(cls.__name__, (cls.__doc__ or "").strip())
     for f in fields(cls):
         if f.name in skip or f.name in getattr(cls, "NOT_FLAGS", ()):
+            continue
+        if only is not None and f.name not in only:
             continue
         kind, is_bool = _field_type(f)
         doc = " ".join((get_attribute_docstring(cls, f.name).docstring_below or "").split())

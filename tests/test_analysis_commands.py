@@ -386,6 +386,21 @@ def test_report_renders(run, analyzed, examples, tiny_lm, tmp_path):
     assert ink > 0.03 and blue > 3e-4, (ink, blue)
 
 
+def test_report_config_table_shows_data_and_lm_settings(tmp_path):
+    """The settings that change what a run's numbers mean are rows of the config table."""
+    cfg = RunConfig(SAEConfig(expansion_factor=2, k=4),
+                    DataConfig(dataset="my-corpus.txt", prepend_bos=True, exclude_outliers=12.5),
+                    TrainConfig(model="tiny", dtype="bfloat16", lens="my-lens-folder"))
+    sae = MLSAE(8, 16, 4, config={"model": "tiny", "layers": [0, 1], "run": cfg.to_dict()})
+    sae.save_pretrained(tmp_path / "run")
+    page = report(tmp_path / "run").read_text()
+    table = page[page.index("<h2>Configuration</h2>"):page.index("<details>")]
+    for key, value in [("data.dataset", "my-corpus.txt"), ("data.prepend_bos", "True"),
+                       ("data.exclude_outliers", "12.5"), ("train.dtype", "bfloat16"),
+                       ("train.lens", "my-lens-folder")]:
+        assert f'<td class="l">{key}</td><td class="l">{value}</td>' in table, key
+
+
 # ---- bad input -------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def bare_run(run, tmp_path_factory):

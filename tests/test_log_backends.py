@@ -3,21 +3,24 @@ real packages' files (TensorBoard event files; W&B offline run files)."""
 
 import importlib.util
 import json
+import os
+import signal
 
 import pytest
 
 from mlsae import DataConfig, SAEConfig, TrainConfig
-from mlsae.errors import UserError
+from mlsae.cli import main
+from mlsae.errors import OptionError, UserError
 from mlsae.train import RunConfig, train
-from mlsae.train.log_backends import parse, scalars
+from mlsae.train.log_backends import WANDB_RUN_ID, parse, scalars
 
 
-def cfg(text_file, out, log):
+def cfg(text_file, out, log, steps=4):
     return RunConfig(SAEConfig(expansion_factor=2, k=4),
                      DataConfig(dataset=str(text_file), ctx_len=32),
-                     TrainConfig(model="tiny", layers="0,2", tokens=4 * 32 * 4, batch_size=4,
-                                 log_every=2, eval_tokens=0, dead_tokens=100, out=str(out),
-                                 log=log))
+                     TrainConfig(model="tiny", layers="0,2", tokens=4 * 32 * steps,
+                                 batch_size=4, log_every=2, eval_tokens=0, dead_tokens=100,
+                                 out=str(out), log=log))
 
 
 def jsonl(run):
@@ -86,6 +89,51 @@ def test_wandb_offline(tiny_lm, text_file, tmp_path, monkeypatch):
     for h, r in zip(history, rows):
         want = scalars(r)
         assert {k: h[k] for k in want} == pytest.approx(want, rel=1e-6)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is None,
+                    reason="wandb is not installed (extra: logging)")
+def test_wandb_resume_continues_the_same_run(tiny_lm, text_file, tmp_path, monkeypatch):
+    """`--resume` logs into the W&B run the first start created (its id kept in the run
+    folder), from the step after the checkpoint; offline, each start is one run file of it."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run = tmp_path / "run"
+
+    def sigint_at_4(trainer):
+        if trainer.step == 4:
+            os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C, handled between steps
+
+    part = train(cfg(text_file, run, "wandb", steps=8), lm=tiny_lm, on_step=sigint_at_4,
+                 progress=False)
+    assert not part["finished"]
+    run_id = (run / WANDB_RUN_ID).read_text().strip()
+    assert run_id
+    assert train(resume=run, lm=tiny_lm, progress=False)["finished"]
+    assert (run / WANDB_RUN_ID).read_text().strip() == run_id
+    starts = sorted((run / "wandb").glob("offline-run-*"))
+    assert len(starts) == 2 and all(f"-{run_id}" in d.name for d in starts)  # -1: same second
+    files = [next(d.glob("run-*.wandb")) for d in starts]
+    assert all(f.name == f"run-{run_id}.wandb" for f in files)
+    steps = [[h["_step"] for h in wandb_history(f)] for f in files]
+    assert steps == [[2, 4], [6, 8]]
+    assert [r["step"] for r in jsonl(run)] == [2, 4, 6, 8]
+
+
+def test_bad_log_names_the_field_in_python_and_the_flag_on_the_cli(tiny_model_dir, text_file,
+                                                                    tmp_path, capsys):
+    """Caught before any model loads: a Python caller reads the config field, the CLI the
+    flag."""
+    with pytest.raises(OptionError) as e:
+        train(cfg(text_file, tmp_path / "a", "mlflow"), progress=False)  # model "tiny": unloaded
+    assert str(e.value).startswith("TrainConfig.log 'mlflow': choose from jsonl, tensorboard")
+    assert "--log" not in str(e.value) and isinstance(e.value, (UserError, ValueError))
+    code = main(["train", "--model", str(tiny_model_dir), "--dataset", str(text_file),
+                 "--log", "mlflow", "--out", str(tmp_path / "b"), "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert err.startswith("mlsae train: error: --log 'mlflow': choose from jsonl, tensorboard")
+    assert "TrainConfig" not in err
 
 
 def test_log_spec_parsing():

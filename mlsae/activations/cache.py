@@ -38,14 +38,16 @@ MANIFEST = "manifest.json"
 def write_cache(model: str, out: str | Path, tokens: int, layers: str = "all",
                 data: DataConfig | None = None, store_dtype: str = "float16",
                 batch_size: int = 8, seed: int = 0, shard_sequences: int = 64,
-                device: str = "auto", dtype: str = "float32", progress: bool = True) -> Path:
-    """Stream `tokens` packed positions of training text through `model` into DIR."""
+                device: str = "auto", dtype: str = "float32", progress: bool = True,
+                revision: str | None = None, blocks: str | None = None) -> Path:
+    """Stream `tokens` packed positions of training text through `model` (at hub `revision`,
+    decoder blocks at module path `blocks`: as for `mlsae train`) into DIR."""
     data = data or DataConfig()
     out = Path(out)
     if (out / MANIFEST).exists():
         raise UserError(f"{str(out)!r} already holds an activation cache")
     store = resolve_dtype(store_dtype, "--store-dtype")
-    lm = load_lm(model, device, dtype)
+    lm = load_lm(model, device, dtype, revision, blocks)
     layer_list = resolve_layers(layers, lm.n_layers)
     source = TokenSource(data, lm.tokenizer, lm.eos_id, seed=seed)
     n_seq_total = max(1, int(tokens) // data.ctx_len)
@@ -73,7 +75,8 @@ def write_cache(model: str, out: str | Path, tokens: int, layers: str = "all",
             shards.append(_write_shard(out, len(shards), acts, lens))
     finally:
         bar.close()  # ends the bar's line, so an error message starts a line of its own
-    manifest = {"format_version": 1, "model": model, "layers": layer_list,
+    manifest = {"format_version": 1, "model": model, "revision": revision, "blocks": blocks,
+                "layers": layer_list,
                 "d_model": lm.d_model, "n_lm_layers": lm.n_layers, "store_dtype": store_dtype,
                 "sequences": n_done, "tokens": n_done * data.ctx_len,
                 "included_tokens": sum(s["tokens"] for s in shards), "seed": seed,
@@ -172,7 +175,8 @@ def _cmd_cache(args: argparse.Namespace) -> int:
                       data=build_config(C.DataConfig, vars(args)),
                       store_dtype=args.store_dtype, batch_size=args.batch_size, seed=args.seed,
                       shard_sequences=args.shard_sequences, device=args.device,
-                      dtype=args.dtype)
+                      dtype=args.dtype, revision=getattr(args, "revision", None),
+                      blocks=getattr(args, "blocks", None))
     print(f"activation cache: {out}")
     return 0
 
@@ -200,5 +204,6 @@ def add_commands(sub) -> None:
                    help="sequences per shard file (default: 64)")
     p.add_argument("--device", default="auto", help="torch device (default: auto)")
     p.add_argument("--dtype", default="float32", help="LM dtype (default: float32)")
+    add_dataclass_options(p, C.TrainConfig, only=("revision", "blocks"))
     add_dataclass_options(p, C.DataConfig)
     p.set_defaults(func=_cmd_cache)

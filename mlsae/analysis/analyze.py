@@ -45,7 +45,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from mlsae.activations.capture import outlier_tally
-from mlsae.analysis.codes import RunCodes, analysis_dir, open_run, token_strings
+from mlsae.analysis.codes import RUN_HELP, RunCodes, analysis_dir, open_run, token_strings
 from mlsae.analysis.dynamics import LayerDynamics
 from mlsae.analysis.layer_dist import (
     DEFAULT_MIN_COUNT,
@@ -355,7 +355,7 @@ def analyze(run: str | Path, opts: TextOptions, prompts: Sequence[str] = (),
     if not dataset and not prompts:
         raise UserError("--prompts-only needs at least one --prompt")
     codes = open_run(run, opts, lm)
-    out = analysis_dir(run)
+    out = analysis_dir(codes.run_dir)
     summary = analyze_dataset(codes, out, progress, t0) if dataset else None
     done = [analyze_prompt(codes, text, out / "prompts") for text in prompts]
     return {"out": str(out), "summary": summary, "prompts": done}
@@ -394,7 +394,7 @@ def add_commands(sub) -> None:
         description="Stream the run's held-out text (or --dataset) once and write per-latent "
         "layer distributions, the aggregated vs per-token layer variance and figures to "
         "<run>/analysis/; each --prompt gets the same in <run>/analysis/prompts/.")
-    p.add_argument("run", help="run folder (config.json + model.safetensors)")
+    p.add_argument("run", help=RUN_HELP)
     p.add_argument("--prompt", action="append", default=[],
                    help="also analyse this text alone (repeatable)")
     p.add_argument("--prompts-only", action="store_true",

@@ -34,7 +34,14 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mlsae.analysis.codes import RunCodes, analysis_dir, open_run, require_run_dir, token_strings
+from mlsae.analysis.codes import (
+    RUN_HELP,
+    RunCodes,
+    analysis_dir,
+    open_run,
+    require_run_dir,
+    token_strings,
+)
 from mlsae.analysis.top_examples import TopExamples, query_examples, update_contexts
 from mlsae.errors import UserError
 from mlsae.lm import LanguageModel
@@ -113,7 +120,7 @@ def collect_examples(run: str | Path, opts: TextOptions, top: int = 32, window: 
     codes = open_run(run, opts, lm)
     batch_list, tokens = codes.text()
     ex = collect(codes, batch_list, top, progress)
-    db = analysis_dir(run) / DB_NAME
+    db = analysis_dir(codes.run_dir) / DB_NAME
     tmp = db.with_name(f".{DB_NAME}.tmp")
     tmp.unlink(missing_ok=True)
     rows = ex.to_sqlite(tmp, layer_ids=codes.layers)
@@ -197,7 +204,7 @@ def _cmd_examples(args: argparse.Namespace) -> int:
         print(f"wrote {res['rows']} examples of {res['keys']} (latent, layer) pairs from "
               f"{res['tokens']} tokens to {res['out']}")
         return 0
-    found = show_examples(args.run, args.show, args.layer)
+    found = show_examples(require_run_dir(args.run, args.model), args.show, args.layer)
     where = f"layer {args.layer}" if args.layer is not None else "any layer"
     if not found:
         print(f"latent {args.show} has no example at {where} (it never fired there in the "
@@ -215,7 +222,7 @@ def add_commands(sub) -> None:
         "the --top largest activations of every (latent, layer) with a context window in "
         "<run>/analysis/examples.sqlite. With --show: print a latent's stored examples, the "
         "max token marked «like this».")
-    p.add_argument("run", help="run folder (config.json + model.safetensors)")
+    p.add_argument("run", help=RUN_HELP)
     p.add_argument("--top", type=int, default=32,
                    help="examples kept per (latent, layer) (default: 32)")
     p.add_argument("--window", type=int, default=8,

@@ -32,7 +32,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from mlsae.analysis.codes import analysis_dir, open_run, token_strings
+from mlsae.analysis.codes import RUN_HELP, analysis_dir, open_run, token_strings
 from mlsae.errors import UserError
 from mlsae.lm import LanguageModel
 from mlsae.options import TextOptions, add_text_options, text_options
@@ -123,7 +123,7 @@ def features(run: str | Path, opts: TextOptions | None = None, lm: LanguageModel
         included += int(mask.sum())
     W = rc.sae.W_dec.detach().float()
     top_v, top_i, bot_v, bot_i = logit_effects(rc.lm, W, top)
-    out = analysis_dir(run)
+    out = analysis_dir(rc.run_dir)
     meta = {"layers": json.dumps(rc.layers), "tokens": str(tokens),
             "included_tokens": str(included)}
     save_file({"density": hist.result().to(torch.int32), "bin_edges": bin_edges(),
@@ -251,7 +251,7 @@ def add_commands(sub) -> None:
         "suppresses through the final norm and unembedding, and a histogram of its nonzero "
         "activations at each layer over held-out text -> <run>/analysis/features.safetensors "
         "(shown by mlsae serve's latent view and mlsae report).")
-    p.add_argument("run", help="the run folder")
+    p.add_argument("run", help=RUN_HELP)
     p.add_argument("--top", type=int, default=10, help="tokens per side (default: 10)")
     add_text_options(p, tokens=50_000)
     p.set_defaults(func=_cmd_features)

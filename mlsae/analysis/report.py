@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from mlsae.analysis.analyze import DEFINITIONS, SEED_DOC, load_dists
-from mlsae.analysis.codes import require_run_dir
+from mlsae.analysis.codes import RUN_HELP, require_run_dir
 from mlsae.analysis.examples import DB_NAME, show_examples
 from mlsae.analysis.features import feature_html
 from mlsae.analysis.findings import comparison, findings
@@ -134,12 +134,17 @@ def _read_json(path: Path) -> dict | None:
 # ---- sections -------------------------------------------------------------------------------
 def config_section(run: Path, cfg: dict) -> str:
     keys = ("model", "layers", "hook_point", "d_model", "n_latents", "k", "expansion_factor",
-            "standardize", "exclude_first", "exclude_special", "lr", "auxk")
+            "standardize", "exclude_first", "exclude_special", "lr", "auxk", "source_format",
+            "converted_from")
     rows = [(k, json.dumps(cfg[k]) if isinstance(cfg[k], list) else cfg[k])
             for k in keys if k in cfg]
-    data = cfg.get("run", {}).get("data", {})
-    rows += [(f"data.{k}", data[k]) for k in ("dataset", "ctx_len", "holdout_fraction")
-             if k in data]
+    run_cfg = cfg.get("run", {})
+    data, train = run_cfg.get("data", {}), run_cfg.get("train", {})
+    rows += [(f"data.{k}", data[k]) for k in ("dataset", "eval_dataset", "ctx_len",
+                                              "holdout_fraction", "prepend_bos",
+                                              "exclude_outliers") if k in data]
+    rows += [(f"train.{k}", train[k]) for k in ("tokens", "dtype", "revision", "lens")
+             if k in train]
     return ("<h2>Configuration</h2>" + table(["setting", "value"], rows, left=(0, 1))
             + f"<details><summary>config.json</summary><pre>{esc(json.dumps(cfg, indent=2))}"
             "</pre></details>")
@@ -408,7 +413,7 @@ def add_commands(sub) -> None:
         description="Write <run>/report/index.html and its images from what the run folder "
         "holds: config, training curves, eval.json, the analyze / examples results, and the "
         "resid-sim plot. Opens from disk; no server, no network.")
-    p.add_argument("run", help="run folder")
+    p.add_argument("run", help=RUN_HELP)
     p.add_argument("--out", help="report folder (default: <run>/report)")
     p.add_argument("--resid-sim", metavar="DIR", help="folder with resid_sim.png/json "
                    "(default: <run>/analysis)")

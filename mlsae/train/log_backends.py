@@ -7,7 +7,11 @@ Every backend gets the same row the JSONL file gets and logs the same scalars at
 layer `fvu/layer_<l>` and `l0/layer_<l>` (l = the LM block). TensorBoard writes event files
 to `<run>/tensorboard/`; W&B logs to project `mlsae` (`WANDB_PROJECT` overrides), run name =
 the run folder's name, files under `<run>/wandb/`, and works offline with
-`WANDB_MODE=offline` (no account needed).
+`WANDB_MODE=offline` (no account needed). The W&B run id is kept in `<run>/wandb_run_id`, so
+`mlsae train --resume` continues the same W&B run (`resume="allow"`) instead of starting one.
+
+A bad `log` value names the field for Python callers (`TrainConfig.log ...`) and the flag on
+the command line (`--log ...`): `OptionError`.
 """
 
 from __future__ import annotations
@@ -15,8 +19,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from mlsae.errors import UserError
+from mlsae.errors import OptionError
 
+FIELD = "TrainConfig.log"
+WANDB_RUN_ID = "wandb_run_id"  # in the run folder: the W&B run that --resume continues
 SCALARS = ("loss", "fvu_mean", "auxk_loss", "dead_fraction", "lr", "tokens_per_s", "tokens")
 
 
@@ -34,8 +40,8 @@ class TensorBoardLog:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            raise UserError("--log tensorboard needs the tensorboard package: pip install "
-                            "'mlsae[logging]' (or tensorboard)") from None
+            raise OptionError(FIELD, "{option} tensorboard needs the tensorboard package: "
+                              "pip install 'mlsae[logging]' (or tensorboard)") from None
         self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
 
     def write(self, row: dict) -> None:
@@ -52,11 +58,15 @@ class WandbLog:
         try:
             import wandb
         except ImportError:
-            raise UserError("--log wandb needs the wandb package: pip install "
-                            "'mlsae[logging]' (or wandb)") from None
+            raise OptionError(FIELD, "{option} wandb needs the wandb package: pip install "
+                              "'mlsae[logging]' (or wandb)") from None
+        id_file = run_dir / WANDB_RUN_ID  # written by the first start, read on --resume
+        run_id = id_file.read_text().strip() if id_file.is_file() else None
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "mlsae"),
                               name=run_dir.name, dir=str(run_dir), config=config,
-                              resume="allow", reinit="create_new")
+                              id=run_id, resume="allow", reinit="create_new")
+        if run_id != self.run.id:
+            id_file.write_text(self.run.id + "\n")
 
     def write(self, row: dict) -> None:
         self.run.log(scalars(row), step=int(row["step"]))
@@ -73,8 +83,8 @@ def parse(spec: str | None) -> list[str]:
     names = [s.strip() for s in (spec or "jsonl").split(",") if s.strip()]
     bad = [n for n in names if n != "jsonl" and n not in BACKENDS]
     if bad:
-        raise UserError(f"--log {spec!r}: choose from jsonl, {', '.join(BACKENDS)} "
-                        "(comma-separated)")
+        raise OptionError(FIELD, f"{{option}} {spec!r}: choose from jsonl, "
+                          f"{', '.join(BACKENDS)} (comma-separated)")
     return [n for n in names if n != "jsonl"]
 
 

@@ -18,6 +18,7 @@ from mlsae.data.split import resolve_prepend_bos
 from mlsae.errors import UserError
 from mlsae.lm import check_ctx_len, peek_config, resolve_dtype
 from mlsae.train.checkpoint import CHECKPOINT, find_checkpoint
+from mlsae.train.log_backends import parse as parse_log
 from mlsae.train.sweep import parse_sweep, sweep_name, with_overrides
 
 # Flags that may differ on --resume: they change how a run is watched, not what it computes.
@@ -52,6 +53,7 @@ def validate(cfg: RunConfig) -> None:
         raise UserError("--shuffle-buffer must be >= 0 (0: stream order)")
     if cfg.data.exclude_outliers != 0 and not cfg.data.exclude_outliers > 1:
         raise UserError("--exclude-outliers must be 0 (off) or a factor above 1")
+    parse_log(cfg.train.log)  # before the LM loads, not at the first metrics line
 
 
 def read_run_config(run_dir: Path) -> RunConfig:
@@ -108,14 +110,21 @@ def plan_runs(cfg: RunConfig | None, resume, given: dict, sweep: str | None
 
 
 def adopt_cache_manifest(cfg: RunConfig, manifest: dict, given: dict | None = None) -> None:
-    """A run trained from a cache takes the cache's model, layers and data settings, its
-    held-out split included (`holdout_fraction`, `eval_dataset`): the cache holds only train
-    sequences of that split, so another split could score text the cache trained on. A
-    different value given explicitly (`given`) is refused with one line."""
+    """A run trained from a cache takes the cache's model (its revision and blocks path),
+    layers and data settings, its held-out split included (`holdout_fraction`,
+    `eval_dataset`): the cache holds only train sequences of that split, so another split
+    could score text the cache trained on. A different value given explicitly (`given`) is
+    refused with one line."""
     layers = ",".join(map(str, manifest["layers"]))
     if cfg.train.layers not in ("all", layers):
         raise UserError(f"--layers {cfg.train.layers!r} disagrees with the activation cache's "
                         f"layers {layers}")
+    for name in ("revision", "blocks"):  # the cache's LM (older caches: not recorded)
+        value, cached = (given or {}).get(name, getattr(cfg.train, name)), manifest.get(name)
+        if value is not None and value != cached:
+            raise UserError(f"--{name} {value!r} disagrees with the activation cache's "
+                            f"{cached!r} (the cache fixes the model)")
+        setattr(cfg.train, name, cached)
     cfg.train.model, cfg.train.layers = manifest["model"], layers
     cached = C.from_dict(C.DataConfig, manifest["data"])
     for name in ("holdout_fraction", "eval_dataset", "exclude_outliers"):
