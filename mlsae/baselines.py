@@ -28,14 +28,15 @@ import torch
 from tqdm.auto import tqdm
 
 from mlsae.activations import batch_activations
+from mlsae.config import TrainConfig
 from mlsae.errors import UserError
 from mlsae.evaluate import check_text_options, reconstruct, select_layers
 from mlsae.lm import LanguageModel, load_lm
 from mlsae.metrics import ReconstructionStats
-from mlsae.options import TextOptions, add_text_options, text_options
+from mlsae.options import TextOptions, add_dataclass_options, add_text_options, text_options
 from mlsae.runs import check_lm_matches, eval_batches, load_sae, sae_layers
 from mlsae.sae import MLSAE
-from mlsae.train import RESUME_FREE, RunConfig, read_run_config, train
+from mlsae.train import RESUME_FREE, RunConfig, read_run_config, train, train_apart
 
 MATRIX_TOKENS = 20_000
 
@@ -97,6 +98,28 @@ def train_baseline(cfg: RunConfig, layer: int, folder: Path, lm: LanguageModel,
     return "trained" if res["finished"] else "interrupted"
 
 
+def train_baselines(cfg: RunConfig, layers: list[int], root: Path, lm: LanguageModel,
+                    progress: bool = True) -> dict[int, str]:
+    """Resume or skip the baselines that have a checkpoint (one at a time), then train all
+    the new ones together on one LM forward per batch (`train_apart`: each gets exactly what
+    it would alone). -> {layer: trained|skipped|interrupted}; stops at an interruption."""
+    status: dict[int, str] = {}
+    fresh = []
+    for layer in layers:
+        if _state(root / f"layer_{layer}") is None:
+            fresh.append(layer)
+            continue
+        status[layer] = train_baseline(cfg, layer, root / f"layer_{layer}", lm, progress)
+        if status[layer] == "interrupted":
+            return status
+    if fresh:
+        plan = [(baseline_config(cfg, v, root / f"layer_{v}"), root / f"layer_{v}")
+                for v in fresh]
+        res = train_apart(plan, root / "data_index.jsonl", lm=lm, progress=progress)
+        status.update({v: "trained" if res["finished"] else "interrupted" for v in fresh})
+    return dict(sorted(status.items()))
+
+
 def finished_baselines(root: Path) -> dict[int, MLSAE]:
     """{layer: SAE} of every finished single-layer SAE under `root` (layer_<l>/)."""
     found = {}
@@ -134,11 +157,15 @@ def write_matrix_csv(path: Path, matrix: torch.Tensor, rows: list[int], cols: li
 
 def baselines(run_dir: str | Path, layers: str | list[int] | None = None,
               opts: TextOptions | None = None, lm: LanguageModel | None = None,
-              progress: bool = True) -> dict:
+              progress: bool = True, revision: str | None = None,
+              blocks: str | None = None) -> dict:
     """Train the missing single-layer baselines of a run, then write the FVU matrix.
 
     `opts`: text for the FVU matrix (default: the run's held-out split, 20k tokens) and where
     the LM comes from (`model`, `device`; `dtype` None = the run's, which training needs).
+    `revision`, `blocks`: the LM's hub revision and decoder-blocks path (default: the run's,
+    unless `opts.model` names another model), recorded in the baselines' configs with the
+    run's model (not with another `opts.model`, which they do not record either).
     Returns {"status": {layer: trained|skipped|interrupted}, "train_layers", "eval_layers",
     "matrix", "csv", "png"}; stops after an interrupted baseline without a matrix.
     """
@@ -151,15 +178,19 @@ def baselines(run_dir: str | Path, layers: str | list[int] | None = None,
     chosen = select_layers(layers, run_layers)
     opts = opts or TextOptions(tokens=MATRIX_TOKENS, dtype=cfg.train.dtype)
     check_text_options(opts)
+    own = opts.model is None or opts.model == cfg.train.model  # else the run's are not its
+    revision = revision if revision is not None else cfg.train.revision if own else None
+    blocks = blocks if blocks is not None else cfg.train.blocks if own else None
+    if own:  # recorded in the baselines' configs (as the run's model is)
+        cfg.train.revision, cfg.train.blocks = revision, blocks
     if lm is None:
-        lm = load_lm(opts.model or cfg.train.model, opts.device, opts.dtype or cfg.train.dtype)
+        lm = load_lm(opts.model or cfg.train.model, opts.device, opts.dtype or cfg.train.dtype,
+                     revision, blocks)
     check_lm_matches(sae, lm)
     root = run_dir / "baselines"
-    status: dict[int, str] = {}
-    for layer in chosen:
-        status[layer] = train_baseline(cfg, layer, root / f"layer_{layer}", lm, progress)
-        if status[layer] == "interrupted":
-            return {"status": status}
+    status = train_baselines(cfg, chosen, root, lm, progress)
+    if "interrupted" in status.values():
+        return {"status": status}
     saes = finished_baselines(root)
     for s in saes.values():
         s.to(lm.device)
@@ -184,7 +215,9 @@ def format_matrix(res: dict) -> str:
 
 
 def _cmd_baselines(args: argparse.Namespace) -> int:
-    res = baselines(args.run, layers=args.layers, opts=text_options(args))
+    res = baselines(args.run, layers=args.layers, opts=text_options(args),
+                    revision=getattr(args, "revision", None),
+                    blocks=getattr(args, "blocks", None))
     for layer, what in res["status"].items():
         print(f"layer {layer}: {what}")
     if "matrix" not in res:
@@ -207,6 +240,7 @@ def add_commands(sub) -> None:
     p.add_argument("--layers", help="train baselines only for these of the run's layers "
                    "(all, 0,3,7, 0-29:2; default: all)")
     add_text_options(p, tokens=MATRIX_TOKENS)
+    add_dataclass_options(p, TrainConfig, only=("revision", "blocks"))
     # Baselines must see the activations the MLSAE saw: the LM dtype defaults to the run's.
     p.set_defaults(dtype=None)
     for action in p._actions:
