@@ -131,3 +131,22 @@ def test_bad_references_one_line_exit_2(hub, ref, msg, tiny_model_dir, text_file
     err = capsys.readouterr().err.strip()
     assert msg in err and len(err.splitlines()) == 1, err
     assert not Path("runs").exists()
+
+
+def test_serve_a_hub_id(hub, tiny_model_dir, capsys):
+    """`create_app` (what `mlsae serve` runs) on a hub id: converted once, then served; its
+    codes equal the checkpoint's own encoding."""
+    from fastapi.testclient import TestClient
+
+    from mlsae.sae import MLSAE
+    from mlsae.server.app import create_app
+
+    app = create_app(REF, model=str(tiny_model_dir), device="cpu")
+    folder = Path("runs/hub/tim-lawson--mlsae-tiny-x4-k8")
+    assert (folder / "config.json").is_file() and hub == [REF]
+    client = TestClient(app)
+    info = client.get("/api/info").json()
+    sae = MLSAE.from_pretrained(folder)
+    assert info["layers"] == sae.layers and info["n_latents"] == sae.n_latents
+    with pytest.raises(Exception, match="no such run folder"):
+        create_app("./missing", model=str(tiny_model_dir), device="cpu")

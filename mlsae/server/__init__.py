@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from mlsae.analysis.codes import RUN_HELP
+
 DEFAULT_MAX_PROMPT_TOKENS = 256  # the default training ctx_len: longer is out of distribution
 
 
@@ -35,7 +37,7 @@ def add_commands(sub) -> None:
     p = sub.add_parser("serve", help="interactive explorer of a run in the browser",
                        description="Serve the explorer (prompt heatmaps, latent examples, "
                        "logits, steering) for a trained run; prints its URL, opens nothing.")
-    p.add_argument("run", help="run folder (config.json + model.safetensors)")
+    p.add_argument("run", help=RUN_HELP)
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: "
                    "127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0: any free "

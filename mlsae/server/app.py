@@ -16,6 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
+from mlsae.analysis.codes import require_run_dir
 from mlsae.errors import UserError
 from mlsae.lens import TunedLens, sae_lens
 from mlsae.lm import LanguageModel
@@ -38,6 +39,7 @@ def create_app(run_dir: str | Path, lm: LanguageModel | None = None, sae: MLSAE 
     A lens run (`mlsae train --lens`) is served through its lens (mlsae.server.explorer)."""
     if max_prompt_tokens < 1:  # checked before minutes of model loading
         raise UserError(f"--max-prompt-tokens must be positive, got {max_prompt_tokens}")
+    run_dir = require_run_dir(run_dir, model)  # a hub id or foreign folder: converted once
     sae, lm, lens = _load(run_dir, lm, sae, model, device)
     explorer = Explorer(run_dir, sae, lm, max_prompt_tokens, lens)
     app = FastAPI(title="mlsae explorer", summary="Prompt, latent and logit views of a "
@@ -50,9 +52,6 @@ def create_app(run_dir: str | Path, lm: LanguageModel | None = None, sae: MLSAE 
 
 def _load(run_dir: str | Path, lm: LanguageModel | None, sae: MLSAE | None,
           model: str | None, device: str) -> tuple[MLSAE, LanguageModel, TunedLens | None]:
-    if not (Path(run_dir) / "config.json").is_file():
-        raise UserError(f"run {str(run_dir)!r}: no such run folder (expected config.json and "
-                        "model.safetensors)")
     sae = sae if sae is not None else load_sae(run_dir, lens_ok=True)
     if lm is None:
         lm = load_run_lm(sae, TextOptions(model=model, device=device))
