@@ -36,7 +36,7 @@ from mlsae.metrics import ReconstructionStats
 from mlsae.options import TextOptions, add_dataclass_options, add_text_options, text_options
 from mlsae.runs import check_lm_matches, eval_batches, load_sae, sae_layers
 from mlsae.sae import MLSAE
-from mlsae.train import RESUME_FREE, RunConfig, read_run_config, train, train_apart
+from mlsae.train import RESUME_FREE, RunConfig, read_run_config, train_apart
 
 MATRIX_TOKENS = 20_000
 
@@ -82,41 +82,39 @@ def _state(folder: Path) -> dict | None:
                         "retrain it") from None
 
 
-def train_baseline(cfg: RunConfig, layer: int, folder: Path, lm: LanguageModel,
-                   progress: bool = True) -> str:
-    """Train (or resume, or skip) one baseline -> "trained", "skipped" or "interrupted"."""
-    state = _state(folder)
-    if state is not None:
+def train_baselines(cfg: RunConfig, layers: list[int], root: Path, lm: LanguageModel,
+                    progress: bool = True) -> dict[int, str]:
+    """Skip the finished baselines; resume the interrupted ones, those stopped at the same
+    step together; then train all the new ones together. Runs trained together share one LM
+    forward per batch (`train_apart`: each gets exactly what it would alone) and the resume
+    index `root/data_index.jsonl`. -> {layer: trained|skipped|interrupted}; stops at an
+    interruption."""
+    status: dict[int, str] = {}
+    stopped: dict[tuple[int, int], list[int]] = {}  # (step, sequences) -> layers
+    fresh = []
+    for layer in layers:
+        folder = root / f"layer_{layer}"
+        state = _state(folder)
+        if state is None:
+            fresh.append(layer)
+            continue
         if _setup(RunConfig.from_dict(state["config"])) != _setup(cfg):
             raise UserError(f"{str(folder)!r} was trained with a different setup than the "
                             "run: delete it to retrain")
         if state.get("finished"):
-            return "skipped"
-        res = train(resume=folder, lm=lm, progress=progress)
-    else:
-        res = train(baseline_config(cfg, layer, folder), lm=lm, progress=progress)
-    return "trained" if res["finished"] else "interrupted"
-
-
-def train_baselines(cfg: RunConfig, layers: list[int], root: Path, lm: LanguageModel,
-                    progress: bool = True) -> dict[int, str]:
-    """Resume or skip the baselines that have a checkpoint (one at a time), then train all
-    the new ones together on one LM forward per batch (`train_apart`: each gets exactly what
-    it would alone). -> {layer: trained|skipped|interrupted}; stops at an interruption."""
-    status: dict[int, str] = {}
-    fresh = []
-    for layer in layers:
-        if _state(root / f"layer_{layer}") is None:
-            fresh.append(layer)
-            continue
-        status[layer] = train_baseline(cfg, layer, root / f"layer_{layer}", lm, progress)
-        if status[layer] == "interrupted":
-            return status
-    if fresh:
-        plan = [(baseline_config(cfg, v, root / f"layer_{v}"), root / f"layer_{v}")
-                for v in fresh]
-        res = train_apart(plan, root / "data_index.jsonl", lm=lm, progress=progress)
-        status.update({v: "trained" if res["finished"] else "interrupted" for v in fresh})
+            status[layer] = "skipped"
+        else:
+            stopped.setdefault((state["step"], state["sequences"]), []).append(layer)
+    groups = [(group, True) for group in stopped.values()] + [(fresh, False)] * bool(fresh)
+    for group, resume in groups:
+        folders = [root / f"layer_{v}" for v in group]
+        plan = [(read_run_config(f) if resume else baseline_config(cfg, v, f), f)
+                for v, f in zip(group, folders)]
+        res = train_apart(plan, root / "data_index.jsonl", lm=lm, progress=progress,
+                          resume=resume)
+        status.update({v: "trained" if res["finished"] else "interrupted" for v in group})
+        if not res["finished"]:
+            break
     return dict(sorted(status.items()))
 
 

@@ -198,6 +198,51 @@ def test_baselines_matrix_resume_and_skip(run, tiny_lm, tmp_path):
     assert (run / "baselines" / "layer_1" / "model.safetensors").stat().st_mtime_ns == before
 
 
+def test_interrupted_shared_baselines_resume_together(run, tiny_lm, tmp_path):
+    """Baselines trained together and stopped by Ctrl-C resume together (one LM forward per
+    batch, the shared data index) and end bit-identical to baselines trained alone."""
+    from safetensors.torch import load_file
+
+    from mlsae.train import train_apart
+
+    mine = tmp_path / "run"
+    shutil.copytree(run, mine, ignore=shutil.ignore_patterns("baselines"))
+    cfg = RunConfig.from_dict(json.loads((mine / "checkpoint" / "state.json").read_text())
+                              ["config"])
+    root = mine / "baselines"
+
+    def ctrl_c_at_2(trainer):
+        if trainer.step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    plan = [(baseline_config(cfg, v, root / f"layer_{v}"), root / f"layer_{v}") for v in (0, 1)]
+    part = train_apart(plan, root / "data_index.jsonl", lm=tiny_lm, progress=False,
+                       on_step=ctrl_c_at_2)
+    assert not part["finished"]
+    calls = []
+    real = train_apart
+
+    def spy(plan, *a, **kw):
+        calls.append(([str(f.name) for _, f in plan], kw.get("resume")))
+        return real(plan, *a, **kw)
+
+    import mlsae.baselines as B
+    B.train_apart = spy
+    try:
+        res = baselines(mine, opts=opts(tokens=128), lm=tiny_lm, progress=False)
+    finally:
+        B.train_apart = real
+    assert res["status"] == {0: "trained", 1: "trained"}
+    assert calls == [(["layer_0", "layer_1"], True)]  # one shared resume, not one per layer
+    for v in (0, 1):
+        alone = train(baseline_config(cfg, v, tmp_path / f"alone{v}"), lm=tiny_lm,
+                      progress=False)
+        assert alone["finished"]
+        a = load_file(tmp_path / f"alone{v}" / "model.safetensors")
+        b = load_file(root / f"layer_{v}" / "model.safetensors")
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_compare_writes_csv_and_png(run, tiny_lm, tmp_path):
     if not (run / "baselines" / "layer_1" / "config.json").is_file():
         baselines(run, opts=opts(tokens=256), lm=tiny_lm, progress=False)

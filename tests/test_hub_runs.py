@@ -150,3 +150,11 @@ def test_serve_a_hub_id(hub, tiny_model_dir, capsys):
     assert info["layers"] == sae.layers and info["n_latents"] == sae.n_latents
     with pytest.raises(Exception, match="no such run folder"):
         create_app("./missing", model=str(tiny_model_dir), device="cpu")
+
+
+def test_mistyped_run_folder_is_not_looked_up_on_the_hub(hub, tiny_model_dir, text_file,
+                                                         capsys):
+    Path("runs").mkdir()
+    assert main(analyze_args("runs/typo", tiny_model_dir, text_file)) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no such run folder" in err and len(err.splitlines()) == 1 and hub == []

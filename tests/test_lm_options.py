@@ -96,3 +96,16 @@ def test_baselines_blocks_reach_the_lm_and_the_baseline_configs(
                             "state.json").read_text())
         assert state["config"]["train"]["blocks"] == "model.layers"
         assert state["config"]["train"]["layers"] == str(layer)
+
+
+def test_older_cache_without_revision_or_blocks_keeps_the_runs():
+    """A manifest written before `revision`/`blocks` were recorded: the run's values stand
+    (a resumed run that recorded --blocks keeps loading), nothing is refused."""
+    cfg = RunConfig(SAEConfig(), DataConfig(), TrainConfig(blocks="model.layers",
+                                                           revision="step1000"))
+    old = {"model": "m", "layers": [0, 1], "data": DataConfig().__dict__}
+    adopt_cache_manifest(cfg, old, {"blocks": "model.layers"})
+    assert (cfg.train.blocks, cfg.train.revision) == ("model.layers", "step1000")
+    new = dict(old, blocks=None, revision=None)
+    with pytest.raises(UserError, match="--revision 'step1000' disagrees"):
+        adopt_cache_manifest(cfg, new, {"blocks": "model.layers"})

@@ -167,6 +167,43 @@ def test_runs_trained_apart_equal_runs_trained_alone(tiny_lm, text_file, tmp_pat
                     tmp_path / "i.jsonl", lm=tiny_lm, progress=False)
 
 
+def test_runs_trained_apart_check_activations_after_their_own_outlier_rule(
+        tiny_lm, text_file, tmp_path, monkeypatch):
+    """An infinite activation at layer 3 is an outlier there: the run on layer 3 drops it and
+    the run on layer 0 never sees it, alone or apart; neither stops as diverged."""
+    from dataclasses import replace
+
+    from mlsae.train import train_apart
+
+    real = tiny_lm.resid_post
+
+    def with_inf(ids, layers):
+        out = real(ids, layers).clone()
+        if 3 in layers:
+            out[layers.index(3), 0, 5] = float("inf")
+        return out
+
+    monkeypatch.setattr(tiny_lm, "resid_post", with_inf)
+
+    def cfg(layer, out):
+        c = small_cfg(text_file, out, layers=str(layer), tokens=4 * 32 * 3, eval_tokens=0)
+        c.data = replace(c.data, exclude_outliers=20.0)
+        return c
+
+    alone = train(cfg(3, tmp_path / "alone3"), lm=tiny_lm, progress=False)
+    assert alone["finished"]
+    res = train_apart([(cfg(v, tmp_path / f"a{v}"), tmp_path / f"a{v}") for v in (0, 3)],
+                      tmp_path / "i.jsonl", lm=tiny_lm, progress=False)
+    assert res["finished"]
+    a = load_file(tmp_path / "alone3" / "model.safetensors")
+    b = load_file(tmp_path / "a3" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(TrainingDiverged, match="non-finite activations"):
+        c = cfg(3, tmp_path / "off")
+        c.data = replace(c.data, exclude_outliers=0.0)
+        train(c, lm=tiny_lm, progress=False)
+
+
 def test_dead_latents_are_revived_by_auxk(tiny_lm, text_file, tmp_path):
     """With AuxK the dead fraction falls; the counters reset when a latent fires."""
     res = train(small_cfg(text_file, tmp_path / "run", dead_tokens=100, tokens=4 * 32 * 20),

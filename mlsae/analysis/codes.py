@@ -56,8 +56,10 @@ RUN_HELP = ("run folder, or a hub id or checkpoint folder in another format (see
 
 
 def is_hub_id(ref: str) -> bool:
-    """`owner/name`, as `MLSAE.from_pretrained` tells a hub repo id from a path."""
-    return not ref.startswith((".", "/", "~")) and ref.count("/") == 1
+    """`owner/name`, as `MLSAE.from_pretrained` tells a hub repo id from a path; but not
+    when `owner` is a local folder (a mistyped `runs/<name>` is a missing run folder)."""
+    return (not ref.startswith((".", "/", "~")) and ref.count("/") == 1
+            and not Path(ref.split("/")[0]).is_dir())
 
 
 def converted_dir(ref: str | Path) -> Path:

@@ -118,12 +118,17 @@ def fit(trainers: list[Trainer], stream: Iterator[tuple[Tensor, int]],
     try:
         while lead.step < lead.total_steps and not stopping:
             x, n_seq = next(stream)
-            check_finite(x if isinstance(x, Tensor) else x.x, "activations", lead.step)
+            if isinstance(x, Tensor):
+                check_finite(x, "activations", lead.step)
             tok0 += n_seq * cfg.data.ctx_len
             bar.update(n_seq * cfg.data.ctx_len)
             rate = tok0 / (time.perf_counter() - t0)
             for tr in trainers:
-                xi = x if isinstance(x, Tensor) else x.select(tr.layers)
+                if isinstance(x, Tensor):
+                    xi = x
+                else:  # checked as the run alone checks it: after its own outlier rule
+                    xi = x.select(tr.layers)
+                    check_finite(xi, "activations", lead.step)
                 m = tr.sae_step(xi.to(tr.device))
                 tr.sequences += n_seq
                 if m:
@@ -166,11 +171,15 @@ def heldout_summaries(trainers: list[Trainer], lm: LanguageModel, source: TokenS
     for ids in tqdm(list(batches(iter(seqs), lead.cfg.train.batch_size)), desc="held-out",
                     disable=not progress, dynamic_ncols=True):
         batch = layer_batch(lm, ids, layers, lead.cfg.data, lead.device)
+        views: dict[tuple[int, ...], tuple[Tensor, Tensor]] = {}  # a sweep's runs share one
         for tr, st in zip(trainers, stats):
-            x = batch.select(tr.layers)
+            key = tuple(tr.layers)
+            if key not in views:
+                x = batch.select(tr.layers)
+                views[key] = (x, x if lens is None else lens.translate(x, tr.layers))
+            x, xs = views[key]
             if x.shape[1] == 0:
                 continue
-            xs = x if lens is None else lens.translate(x, tr.layers)
             for i in range(len(tr.layers)):  # one layer at a time: the summary's peak
                 out = tr.sae(xs[i])          # memory stays below a training step's
                 x_hat = out.x_hat

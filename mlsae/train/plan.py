@@ -119,8 +119,10 @@ def adopt_cache_manifest(cfg: RunConfig, manifest: dict, given: dict | None = No
     if cfg.train.layers not in ("all", layers):
         raise UserError(f"--layers {cfg.train.layers!r} disagrees with the activation cache's "
                         f"layers {layers}")
-    for name in ("revision", "blocks"):  # the cache's LM (older caches: not recorded)
-        value, cached = (given or {}).get(name, getattr(cfg.train, name)), manifest.get(name)
+    for name in ("revision", "blocks"):  # the cache's LM
+        if name not in manifest:  # an older cache did not record it: keep the run's
+            continue
+        value, cached = (given or {}).get(name, getattr(cfg.train, name)), manifest[name]
         if value is not None and value != cached:
             raise UserError(f"--{name} {value!r} disagrees with the activation cache's "
                             f"{cached!r} (the cache fixes the model)")

@@ -46,23 +46,29 @@ def train(cfg: RunConfig | None = None, resume: str | os.PathLike | None = None,
 
 
 def train_apart(plan: list[tuple[RunConfig, str | os.PathLike]], index: str | os.PathLike,
-                lm: LanguageModel | None = None, progress: bool = True) -> dict:
-    """Train several NEW runs that differ only in their layers (the single-layer baselines of
+                lm: LanguageModel | None = None, progress: bool = True,
+                resume: bool = False, on_step: Callable[[Trainer], None] | None = None
+                ) -> dict:
+    """Train several runs that differ only in their layers (the single-layer baselines of
     `mlsae baselines`) on one LM forward per batch: each run gets exactly what it would get
     alone (its layers' rows, its own outlier rule, its own seed), at the cost of one run.
 
-    `plan`: [(config, run folder)]; `index`: where the shared data_index.jsonl goes. Returns
-    what `train` returns; every run folder is an ordinary one (`--resume` works on each)."""
+    `plan`: [(config, run folder)], new runs, or with `resume` runs interrupted at the same
+    step (their stored configs); `index`: the shared data_index.jsonl (resume points of the
+    one data stream they all read). Returns what `train` returns; every run folder is an
+    ordinary one (`--resume` works on each)."""
     plan = [(c, Path(folder)) for c, folder in plan]
     lead = plan[0][0]
     for c, folder in plan:
         if _without_layers(c) != _without_layers(lead):
             raise UserError(f"{str(folder)!r}: runs trained apart must agree on everything "
                             "but their layers")
-        if (folder / CHECKPOINT).exists():
+        if c.train.lens:
+            raise UserError(f"{str(folder)!r}: runs trained apart cannot take a tuned lens")
+        if not resume and (folder / CHECKPOINT).exists():
             raise UserError(f"{str(folder)!r} already holds a run")
     with freed_memory_kept():
-        return _train_plan(Path(index).parent, plan, False, lm, None, progress, None,
+        return _train_plan(Path(index).parent, plan, resume, lm, on_step, progress, None,
                            index=Path(index))
 
 
@@ -126,8 +132,6 @@ def _train_plan(root, plan, resume, lm, on_step, progress, sweep, given=None,
         (root / "sweep.json").write_text(json.dumps(
             {"sweep": sweep, "runs": [f.name for _, f in plan]}, indent=2) + "\n")
     lens = run_lens(trainers[0].run_dir, lead.train.lens, layers, d_model)  # None: no lens
-    if lens is not None and apart:
-        raise UserError("runs trained apart (different layers) cannot take a tuned lens")
     start = trainers[0].sequences
     if cache is not None:
         stream = cache.batches(lead.train.batch_size, start, dist_info.rank, dist_info.world)
