@@ -35,9 +35,10 @@ class SAEConfig:
 class DataConfig:
     """Where text comes from and how it becomes token sequences (SPEC §2)."""
 
-    dataset: str = "pydoc"
-    """`pydoc` (CPython's pydoc_data reference prose, offline), `python` (pydoc plus every
-    docstring of the standard library), `python-source` (the standard library's .py files),
+    dataset: str = "python"
+    """`python` (CPython's pydoc topics plus every docstring of the standard library,
+    offline, ~650k tokens), `pydoc` (the pydoc topics alone, ~110k tokens), `python-source`
+    (the standard library's .py files),
     a .txt/.jsonl/.parquet file or a folder of them (streamed; a .txt file is one document),
     or a `datasets` hub id (streamed)."""
 
@@ -88,7 +89,9 @@ class DataConfig:
 
     # Values a config written before a field existed gets (its old behaviour), and fields
     # that are recorded but are not command-line flags.
-    LEGACY_DEFAULTS = {"shuffle_buffer": None, "prepend_bos": False, "exclude_outliers": 0.0}
+    # what a stored config without the field meant (`dataset`: the default until 2026-11-30)
+    LEGACY_DEFAULTS = {"shuffle_buffer": None, "prepend_bos": False, "exclude_outliers": 0.0,
+                       "dataset": "pydoc"}
     NOT_FLAGS = ("python_version",)
 
 
@@ -104,7 +107,7 @@ class TrainConfig:
     """Layers whose resid_post is trained on: `all`, a list `0,3,7`, or a range `0-29` or
     `0-29:2` (inclusive, with a step). One layer trains the single-layer baseline."""
 
-    tokens: float = 220_000
+    tokens: float = 300_000
     """Training tokens (packed positions, excluded ones included); `1e9` is accepted."""
 
     batch_size: int = 8
