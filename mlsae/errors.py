@@ -1,14 +1,30 @@
 """Errors the CLI turns into one line on stderr (no traceback), and the one-line form of any
 exception. Imports nothing from mlsae: every module may use it."""
 
+import re
+
+_FLAG = re.compile(r"(?<![\w-])--([a-z][a-z0-9]*(?:-[a-z0-9]+)*)")
+
+
+def python_wording(message: str) -> str:
+    """A CLI message as a Python caller reads it: `--ctx-len` becomes `ctx_len` (the keyword
+    or config field), except inside backticks, where a suggested command line stays as is."""
+    parts = message.split("`")
+    parts[::2] = [_FLAG.sub(lambda m: m.group(1).replace("-", "_"), p) for p in parts[::2]]
+    return "`".join(parts)
+
 
 class UserError(ValueError):
     """Bad input from the user: a flag, a path, a dataset, a checkpoint. A ValueError, so
-    Python callers can catch it as one; the CLI prints its message as one line."""
+    Python callers can catch it as one. Messages are written as the CLI says them (`--k`);
+    `str(e)` names the keyword instead (`k`), `cli_message()` keeps the flag (mlsae.cli)."""
 
     def cli_message(self) -> str:
-        """The message as the command line says it (the same, unless it names an option)."""
-        return str(self)
+        """The message as the command line says it."""
+        return str(self.args[0]) if self.args else ""
+
+    def __str__(self) -> str:
+        return python_wording(self.cli_message())
 
 
 class OptionError(UserError):
@@ -18,6 +34,9 @@ class OptionError(UserError):
     def __init__(self, field: str, message: str):
         self.field, self.template = field, message  # field: `Class.name`
         super().__init__(message.replace("{option}", field))
+
+    def __str__(self) -> str:
+        return str(self.args[0])
 
     @property
     def flag(self) -> str:

@@ -328,5 +328,5 @@ def test_hub_dataset_bad_config_and_missing_column(tmp_path):
         HubDataset(str(tmp_path), "train", "text", config="nope").check()
     cfg = DataConfig(dataset="json", data_files=str(tmp_path / "a.jsonl"))
     with pytest.raises(UserError, match=r"^dataset 'json' has no text column 'text' "
-                       r"\(columns: body\); set --text-column$"):
+                       r"\(columns: body\); set text_column$"):
         TokenSource(cfg, byte_tokenizer(), EOS)

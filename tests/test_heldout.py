@@ -84,7 +84,7 @@ def test_other_model_windows_are_held_out_text(tiny_lm, tmp_path, text_file):
 def test_ctx_len_above_the_model_limit(tiny_lm, tiny_model_dir, text_file):
     sae = _sae(str(tiny_model_dir), text_file)
     limit = tiny_lm.model.config.max_position_embeddings
-    with pytest.raises(UserError, match=f"^--ctx-len {limit + 1} exceeds the {limit} "
+    with pytest.raises(UserError, match=f"^ctx_len {limit + 1} exceeds the {limit} "
                        "positions of model"):
         eval_batches(sae, tiny_lm, TextOptions(ctx_len=limit + 1))
 
@@ -97,9 +97,9 @@ def test_cache_run_takes_the_cache_split():
     assert cfg.data.holdout_fraction == 0.1 and cfg.train.model == "m"
     cfg = RunConfig(data=DataConfig(holdout_fraction=0.1))
     adopt_cache_manifest(cfg, manifest, given={"holdout_fraction": 0.1})
-    with pytest.raises(UserError, match=r"^--holdout-fraction 0.2 disagrees with the "
+    with pytest.raises(UserError, match=r"^holdout_fraction 0.2 disagrees with the "
                        r"activation cache's 0.1 \(the cache fixes the data and the held-out "
                        r"split\)$"):
         adopt_cache_manifest(RunConfig(), manifest, given={"holdout_fraction": 0.2})
-    with pytest.raises(UserError, match="--eval-dataset 'x.txt' disagrees"):
+    with pytest.raises(UserError, match="eval_dataset 'x.txt' disagrees"):
         adopt_cache_manifest(RunConfig(), manifest, given={"eval_dataset": "x.txt"})

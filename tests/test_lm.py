@@ -127,12 +127,12 @@ def test_generic_search_refuses_ambiguity_and_blocks_overrides():
     lm = make_tiny_lm("llama", n_layers=3)
     w = Wrapper(lm.model.config)
     with pytest.raises(UserError, match=r"^Wrapper has several stacks of 3 blocks \(vision, "
-                       r"text\); choose one with --blocks PATH$"):
+                       r"text\); choose one with blocks PATH$"):
         find_blocks(w)
     assert find_blocks(w, "text") is w.text
     del w.vision
     assert find_blocks(w) is w.text  # one stack: the generic search finds it
-    with pytest.raises(UserError, match="--blocks 'nope'"):
+    with pytest.raises(UserError, match="blocks 'nope'"):
         find_blocks(w, "nope")
 
 

@@ -71,7 +71,7 @@ def test_cache_blocks_and_revision_reach_the_lm_and_the_manifest(
     cfg = RunConfig(train=TrainConfig(activations=str(tmp_path / "c")))
     adopt_cache_manifest(cfg, manifest)
     assert (cfg.train.blocks, cfg.train.revision) == ("model.layers", "main")
-    with pytest.raises(UserError, match="--blocks 'layers' disagrees with the activation "
+    with pytest.raises(UserError, match="blocks 'layers' disagrees with the activation "
                        "cache's 'model.layers'"):
         adopt_cache_manifest(RunConfig(), manifest, {"blocks": "layers"})
 
@@ -107,5 +107,5 @@ def test_older_cache_without_revision_or_blocks_keeps_the_runs():
     adopt_cache_manifest(cfg, old, {"blocks": "model.layers"})
     assert (cfg.train.blocks, cfg.train.revision) == ("model.layers", "step1000")
     new = dict(old, blocks=None, revision=None)
-    with pytest.raises(UserError, match="--revision 'step1000' disagrees"):
+    with pytest.raises(UserError, match="revision 'step1000' disagrees"):
         adopt_cache_manifest(cfg, new, {"blocks": "model.layers"})

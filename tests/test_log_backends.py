@@ -144,3 +144,24 @@ def test_log_spec_parsing():
                     "l0": [4, 5]})
     assert scal == {"loss": 1.0, "fvu/layer_3": 0.1, "fvu/layer_5": 0.2, "l0/layer_3": 4.0,
                     "l0/layer_5": 5.0}
+
+
+def test_every_flag_error_reads_as_a_keyword_in_python_and_a_flag_on_the_cli(
+        tiny_model_dir, text_file, tmp_path, capsys):
+    """Any UserError: `str()` (what a Python caller sees) names keywords (`k`, `ctx_len`), the
+    CLI line the flags; a suggested command line in backticks is left whole."""
+    from mlsae.errors import python_wording
+
+    bad = cfg(text_file, tmp_path / "a", "jsonl")
+    bad.sae.k = 0
+    with pytest.raises(UserError) as e:
+        train(bad, progress=False)
+    assert str(e.value) == "k must be positive, got 0"
+    assert e.value.cli_message() == "--k must be positive, got 0"
+    code = main(["train", "--model", str(tiny_model_dir), "--dataset", str(text_file),
+                 "--k", "0", "--ctx-len", "32", "--out", str(tmp_path / "b"), "--device", "cpu"])
+    assert code == 2
+    assert capsys.readouterr().err.strip() == "mlsae train: error: --k must be positive, got 0"
+    assert python_wording("--tokens and --batch-size; see `mlsae x --out DIR`; "
+                          "runs/hub/a--b") == ("tokens and batch_size; see `mlsae x --out DIR`; "
+                                               "runs/hub/a--b")

@@ -95,7 +95,7 @@ def test_interrupt_and_resume_is_bit_identical(tiny_lm, text_file, tmp_path):
 def test_resume_rejects_disagreeing_flags(tiny_lm, text_file, tmp_path):
     train(small_cfg(text_file, tmp_path / "run", tokens=4 * 32 * 2), lm=tiny_lm,
           progress=False)
-    with pytest.raises(UserError, match="--k 16 disagrees with the run's 8"):
+    with pytest.raises(UserError, match="k 16 disagrees with the run's 8"):
         train(resume=tmp_path / "run", given={"k": 16}, lm=tiny_lm, progress=False)
     with pytest.raises(UserError, match="not a run folder"):
         train(resume=tmp_path, lm=tiny_lm, progress=False)
