@@ -11,6 +11,7 @@ imported when the command runs, so building the CLI parser stays cheap.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from mlsae.analysis.codes import RUN_HELP
@@ -28,7 +29,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                          device=args.device)
         url = url_of(sock)
         print(f"mlsae explorer: {url}  (API docs: {url}/docs; Ctrl-C stops)", flush=True)
-        make_server(app).run(sockets=[sock])
+        server = make_server(app)
+        server.run(sockets=[sock])
+    if server.should_exit:  # stopped by Ctrl-C / SIGTERM, which uvicorn's asyncio runner may
+        sig = (getattr(server, "_captured_signals", None) or [signal.SIGINT])[-1]  # swallow
+        return 128 + int(sig)
     return 0
 
 
