@@ -394,12 +394,65 @@ def peek_shape(name: str, revision: str | None = None) -> tuple[int, int]:
     return int(cfg.num_hidden_layers), int(cfg.hidden_size)
 
 
+def gguf_cache_dir(folder: str, gguf: str) -> Path:
+    """Where a .gguf model's converted form is kept: `$MLSAE_CACHE_DIR/models` (default
+    ~/.cache/mlsae/models), one folder per file (path, size, mtime) and transformers version."""
+    import hashlib
+
+    import transformers
+
+    path = (Path(folder) / gguf).resolve()
+    st = path.stat()
+    key = f"{path}|{st.st_size}|{st.st_mtime_ns}|{transformers.__version__}|1"
+    base = Path(os.environ.get("MLSAE_CACHE_DIR") or Path.home() / ".cache" / "mlsae")
+    return base / "models" / f"{path.stem}-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
+
+
+def _converted(where: str, extra: dict) -> tuple[str, dict]:
+    """A .gguf model whose conversion is cached: its safetensors folder instead (parsing and
+    de-quantizing the GGUF file takes ~18 s for SmolLM2 at every load, the folder ~1 s).
+    MLSAE_GGUF_CACHE=0 always reads the .gguf file."""
+    if "gguf_file" not in extra or os.environ.get("MLSAE_GGUF_CACHE") == "0":
+        return where, extra
+    cache = gguf_cache_dir(where, extra["gguf_file"])
+    if (cache / "model.safetensors").is_file() and (cache / "tokenizer.json").is_file():
+        return str(cache), {k: v for k, v in extra.items() if k != "gguf_file"}
+    return where, extra
+
+
+def _keep_converted(model, tokenizer, where: str, extra: dict) -> None:
+    """Save a model just read from a .gguf file (float32, as de-quantized) with its tokenizer
+    into `gguf_cache_dir`, atomically; best effort (a read-only home only costs the parse)."""
+    import shutil
+    import tempfile
+
+    from safetensors.torch import save_model
+
+    if "gguf_file" not in extra or os.environ.get("MLSAE_GGUF_CACHE") == "0":
+        return
+    cache = gguf_cache_dir(where, extra["gguf_file"])
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=cache.parent, prefix=f".{cache.name}."))
+        # transformers refuses save_pretrained on a GGUF-loaded model: write what it reads
+        config = copy.deepcopy(model.config)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config.save_pretrained(tmp)
+        save_model(model, str(tmp / "model.safetensors"))  # tied weights stored once
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(cache, ignore_errors=True)
+        os.replace(tmp, cache)
+    except OSError:
+        shutil.rmtree(locals().get("tmp", cache.parent / ".none"), ignore_errors=True)
+
+
 def load_tokenizer(name: str, revision: str | None = None):
     """The tokenizer of `name` alone (to re-create a run's packing without its weights)."""
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    where, extra = _locate(name)
+    where, extra = _converted(*_locate(name))
     hf_logging.set_verbosity_error()
     try:
         return AutoTokenizer.from_pretrained(where, **_kwargs(extra, revision))
@@ -417,17 +470,23 @@ def load_lm(name: str, device: str = "auto", dtype: str = "float32",
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    where, extra = _locate(name)
+    where, extra = _converted(*_locate(name))
     torch_dtype = resolve_dtype(dtype)
     dev = resolve_device(device)
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()  # keep stderr for our own progress bar and errors
     kw = _kwargs(extra, revision)
+    gguf = "gguf_file" in kw
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, **kw)
-        if "gguf_file" not in kw:
+        if not gguf:
             kw["use_safetensors"] = True
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype, **kw)
+        # a .gguf file is read in float32 (as de-quantized) and kept converted for next time
+        model = AutoModelForCausalLM.from_pretrained(
+            where, dtype=torch.float32 if gguf else torch_dtype, **kw)
     except (OSError, ValueError, KeyError) as e:
         raise _load_error(name, revision, e) from None
+    if gguf:
+        _keep_converted(model, tokenizer, where, extra)
+        model = model.to(torch_dtype)
     return wrap_model(model.to(dev), tokenizer, name, blocks)

@@ -53,3 +53,28 @@ def test_short_training_run_learns(smollm2, tmp_path):
     assert len(fvu) == 3 and all(0 < v < 0.9 for v in fvu), fvu
     rows = [json.loads(r) for r in (tmp_path / "run" / "metrics.jsonl").open()]
     assert rows[-1]["fvu_mean"] < rows[0]["fvu_mean"]
+
+
+def test_gguf_conversion_is_cached_and_identical(smollm2, tmp_path, monkeypatch):
+    """The first load of a .gguf model keeps its float32 conversion (safetensors + tokenizer)
+    in $MLSAE_CACHE_DIR/models; the next load reads that folder and gives the same weights,
+    tokens and logits as reading the .gguf file."""
+    from mlsae.lm import _locate, gguf_cache_dir, load_lm
+
+    monkeypatch.setenv("MLSAE_CACHE_DIR", str(tmp_path))
+    where, extra = _locate("smollm2-135m")
+    cache = gguf_cache_dir(where, extra["gguf_file"])
+    first = load_lm("smollm2-135m")  # reads the .gguf file, writes the cache
+    assert (cache / "model.safetensors").is_file() and (cache / "tokenizer.json").is_file()
+    again = load_lm("smollm2-135m")
+    assert again.model.name_or_path == str(cache)  # read from the cache folder
+    sa, sb = first.model.state_dict(), again.model.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    text = "def f(x):\n    return x ** 2  # caf\u00e9 <|endoftext|>"
+    ids = first.tokenizer(text)["input_ids"]
+    assert again.tokenizer(text)["input_ids"] == ids and again.special_ids == first.special_ids
+    with torch.no_grad():
+        x = torch.tensor([ids])
+        assert torch.equal(first.model(x).logits, again.model(x).logits)
+    sd = smollm2.model.state_dict()  # loaded before, from the .gguf file or an earlier cache
+    assert all(torch.equal(sd[k], sb[k]) for k in sd)
