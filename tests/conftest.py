@@ -131,3 +131,13 @@ def torchrun_rank_pids(parent: int) -> dict[int, int]:
             if kv.startswith(b"RANK="):
                 out[int(kv[5:])] = int(d.name)
     return out
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One torch thread: on tiny models a second one only adds synchronisation waits, which
+    cost seconds on a busy machine. Use with `pytest.mark.usefixtures("one_torch_thread")`."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -18,12 +18,7 @@ from mlsae.export import convert
 REF = "tim-lawson/mlsae-tiny-x4-k8"  # the seed's naming; "tiny" is no model: --model needed
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture

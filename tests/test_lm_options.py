@@ -5,7 +5,6 @@ cache adopts them) and in the baselines' run configs."""
 import json
 
 import pytest
-import torch
 
 import mlsae.activations.cache as cache_mod
 import mlsae.baselines as baselines_mod
@@ -19,12 +18,7 @@ from mlsae.train.plan import adopt_cache_manifest
 BAD = "--blocks 'model.nope': LlamaForCausalLM has no ModuleList"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture
