@@ -431,6 +431,8 @@ def _keep_converted(model, tokenizer, where: str, extra: dict) -> None:
     if "gguf_file" not in extra or os.environ.get("MLSAE_GGUF_CACHE") == "0":
         return
     cache = gguf_cache_dir(where, extra["gguf_file"])
+    if (cache / "model.safetensors").is_file():  # another process was first
+        return
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=cache.parent, prefix=f".{cache.name}."))
@@ -441,8 +443,7 @@ def _keep_converted(model, tokenizer, where: str, extra: dict) -> None:
         config.save_pretrained(tmp)
         save_model(model, str(tmp / "model.safetensors"))  # tied weights stored once
         tokenizer.save_pretrained(tmp)
-        shutil.rmtree(cache, ignore_errors=True)
-        os.replace(tmp, cache)
+        os.replace(tmp, cache)  # fails if another process installed it meanwhile: fine
     except OSError:
         shutil.rmtree(locals().get("tmp", cache.parent / ".none"), ignore_errors=True)
 
