@@ -433,6 +433,7 @@ def _keep_converted(model, tokenizer, where: str, extra: dict) -> None:
     cache = gguf_cache_dir(where, extra["gguf_file"])
     if (cache / "model.safetensors").is_file():  # another process was first
         return
+    tmp = None
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=cache.parent, prefix=f".{cache.name}."))
@@ -445,7 +446,8 @@ def _keep_converted(model, tokenizer, where: str, extra: dict) -> None:
         tokenizer.save_pretrained(tmp)
         os.replace(tmp, cache)  # fails if another process installed it meanwhile: fine
     except OSError:
-        shutil.rmtree(locals().get("tmp", cache.parent / ".none"), ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_tokenizer(name: str, revision: str | None = None):

@@ -133,10 +133,11 @@ def torchrun_rank_pids(parent: int) -> dict[int, int]:
     return out
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def one_torch_thread():
-    """One torch thread: on tiny models a second one only adds synchronisation waits, which
-    cost seconds on a busy machine. Use with `pytest.mark.usefixtures("one_torch_thread")`."""
+    """One torch thread for a whole test module (its module fixtures included): on tiny
+    models a second one only adds synchronisation waits, which cost seconds on a busy
+    machine. Use with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

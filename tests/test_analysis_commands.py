@@ -36,13 +36,7 @@ N_LAYERS, N_LATENTS = 4, 128
 CHROMIUM = "/usr/bin/chromium"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """A second torch thread only adds synchronisation waits on models this small."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def opts(**kw):

@@ -33,14 +33,7 @@ def run_cfg(model_dir, text_file, out, layers="0,1", tokens=4 * 32 * 4):
                                  batch_size=4, eval_tokens=0, dead_tokens=100, out=str(out)))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """On models this small a second torch thread only adds synchronisation waits, which
-    cost seconds per evaluation on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

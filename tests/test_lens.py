@@ -24,12 +24,7 @@ from mlsae.train import RunConfig, train
 CTX = 32
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "neox", "gemma3", "opt"])

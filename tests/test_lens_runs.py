@@ -32,12 +32,7 @@ TOKENS = 256
 PROMPT = "The quick brown fox jumps"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def opts(**kw):

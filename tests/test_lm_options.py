@@ -5,6 +5,7 @@ cache adopts them) and in the baselines' run configs."""
 import json
 
 import pytest
+from test_evaluate import run_cfg
 
 import mlsae.activations.cache as cache_mod
 import mlsae.baselines as baselines_mod
@@ -73,11 +74,8 @@ def test_cache_blocks_and_revision_reach_the_lm_and_the_manifest(
 def test_baselines_blocks_reach_the_lm_and_the_baseline_configs(
         tiny_lm, tiny_model_dir, text_file, tmp_path, capsys, seen_load_lm):
     run = tmp_path / "run"
-    train(RunConfig(SAEConfig(expansion_factor=2, k=4),
-                    DataConfig(dataset=str(text_file), ctx_len=32),
-                    TrainConfig(model=str(tiny_model_dir), layers="0,1", tokens=4 * 32 * 2,
-                                batch_size=4, eval_tokens=0, dead_tokens=100, out=str(run))),
-          lm=tiny_lm, progress=False)
+    train(run_cfg(tiny_model_dir, text_file, run, tokens=4 * 32 * 2), lm=tiny_lm,
+          progress=False)
     base = ["baselines", str(run), "--tokens", "128", "--device", "cpu", "--batch-size", "4"]
     assert main(base + ["--blocks", "model.nope"]) == 2
     assert BAD in one_error_line(capsys)
