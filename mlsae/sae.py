@@ -53,7 +53,21 @@ class SparseCode(NamedTuple):
         """The code as a dense `[..., n_latents]` tensor (zeros off the k selected latents),
         for patching: edit it and map it back with `MLSAE.decode_dense(dense, code)`."""
         out = self.acts.new_zeros(*self.acts.shape[:-1], n_latents)
-        return out.scatter_(-1, self.idx, self.acts)
+        # scatter_add: padding slots (acts 0, any id) must never overwrite a real entry
+        return out.scatter_add_(-1, self.idx, self.acts)
+
+
+def stack_codes(codes: list[SparseCode]) -> SparseCode:
+    """Stack codes of separate `encode` calls along a new leading dim, padding each to the
+    widest (acts 0, id 0): threshold architectures give codes of different widths."""
+    width = max(c.acts.shape[-1] for c in codes)
+
+    def pad(t: Tensor) -> Tensor:
+        return F.pad(t, (0, width - t.shape[-1]))
+
+    return SparseCode(torch.stack([pad(c.acts) for c in codes]),
+                      torch.stack([pad(c.idx) for c in codes]),
+                      torch.stack([c.mu for c in codes]), torch.stack([c.std for c in codes]))
 
 
 class ForwardOutput(NamedTuple):
