@@ -30,6 +30,32 @@ class SAEConfig:
     eps: float = 1e-5
     """Added to the per-vector std when standardizing."""
 
+    arch: str = "topk"
+    """Activation rule (SPEC §3a): `topk` (k latents per vector), `batchtopk` (k x N over a
+    batch of N vectors; a vector may use 0 or many), `token-topk` (k x L per token over its L
+    layer vectors together), `jumprelu` (a learned threshold per latent, L0 penalty) or
+    `matryoshka` (BatchTopK whose nested dictionary prefixes each reconstruct). All but topk
+    infer with a threshold; see README, "Architectures"."""
+
+    threshold_lr: float = 0.01
+    """batchtopk, token-topk, matryoshka: weight of each batch's smallest kept activation in
+    the running-average inference threshold (the first batch sets it)."""
+
+    l0_coef: float = 2e-3
+    """jumprelu: weight of the mean L0 per vector in the loss (the sparsity knob: larger,
+    fewer active latents)."""
+
+    l0_warmup: float = 0.1
+    """jumprelu: fraction of the steps over which the L0 weight rises linearly from 0."""
+
+    bandwidth: float = 0.05
+    """jumprelu: width of the straight-through estimator's rectangle kernel (standardized
+    pre-activation units)."""
+
+    matryoshka_widths: str = "0.0625,0.25,1"
+    """matryoshka: nested dictionary prefixes that must each reconstruct, as fractions of
+    n_latents or latent counts (n_latents is always the last)."""
+
 
 @dataclass
 class DataConfig:
@@ -148,7 +174,8 @@ class TrainConfig:
     `float16`. The SAE trains in float32; the held-out summary scores float32 activations."""
 
     out: str | None = None
-    """Run folder; default runs/<model>-x<expansion_factor>-k<k>."""
+    """Run folder; default runs/<model>-x<expansion_factor>-k<k> (runs/<model>-<arch>-x...
+    for an architecture other than topk)."""
 
     log_every: int = 5
     """Steps between lines of metrics.jsonl."""
@@ -243,6 +270,18 @@ def resolve_layers(spec: str, n_layers: int) -> list[int]:
             f"blocks (0-{n_layers - 1})"
         )
     return sorted(set(layers))
+
+
+ARCH_OPTIONS = {"topk": (), "batchtopk": ("threshold_lr",), "token-topk": ("threshold_lr",),
+                "jumprelu": ("l0_coef", "l0_warmup", "bandwidth"),
+                "matryoshka": ("threshold_lr", "matryoshka_widths")}
+
+
+def arch_options(sae: SAEConfig) -> dict:
+    """The options of `sae.arch` (the MLSAE's `arch_options`); a bad name is one line."""
+    if sae.arch not in ARCH_OPTIONS:
+        raise UserError(f"--arch {sae.arch!r}: choose one of {', '.join(ARCH_OPTIONS)}")
+    return {name: getattr(sae, name) for name in ARCH_OPTIONS[sae.arch]}
 
 
 def default_lr(n_latents: int) -> float:

@@ -230,7 +230,7 @@ def test_forward_train_error_and_gradients_match_dense(standardize):
 def test_encoder_chunks_give_the_same_code(monkeypatch):
     """Row chunking of the encoder (bounding the dense pre-activations) selects the same
     latents (values equal up to the matmul's rounding, which depends on the row count)."""
-    import mlsae.sae as S
+    import mlsae.sae.ops as S
     g = torch.Generator().manual_seed(1)
     x, W, b = torch.randn(100, 16, generator=g), torch.randn(16, 64, generator=g), \
         torch.randn(64, generator=g)
@@ -252,7 +252,7 @@ def test_encoder_chunks_give_the_same_code(monkeypatch):
 
 
 def test_sparse_transposed_matmul_matches_dense():
-    from mlsae.sae import _sparse_t_matmul
+    from mlsae.sae.ops import _sparse_t_matmul
     g = torch.Generator().manual_seed(2)
     idx = torch.stack([torch.randperm(30, generator=g)[:4] for _ in range(50)])
     vals, x = torch.randn(50, 4, generator=g), torch.randn(50, 8, generator=g)

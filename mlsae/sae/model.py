@@ -1,11 +1,15 @@
-"""The TopK sparse autoencoder shared by all layers (SPEC §3), with sparse decode and backward.
-Uses config, errors, the kernels, the checkpoint formats (`mlsae.formats`) and, for
-`spliced`, the splice helper (`mlsae.splice`).
+"""The MLSAE module: one sparse autoencoder shared by all layers (SPEC §3) whose activation
+rule is its architecture (`mlsae.sae.arch`, one file each: topk, batchtopk, token-topk,
+jumprelu, matryoshka); standardization, forward passes and checkpoint I/O. Uses config,
+errors, the shared sparse ops, the checkpoint formats (`mlsae.formats`) and, for `spliced`,
+the splice helper (`mlsae.splice`).
 
 Tensors use SAELens names: W_enc [d_model, n_latents], b_enc [n_latents],
-W_dec [n_latents, d_model], b_dec [d_model]. A checkpoint is a folder with `config.json`
-and `model.safetensors` holding exactly those four tensors; `from_pretrained` also reads the
-seed paper's, SAELens' and sparsify's folders (see `mlsae.formats`).
+W_dec [n_latents, d_model], b_dec [d_model], plus `threshold [n_latents]` for the
+architectures that have one. A checkpoint is a folder with `config.json` (`architecture`:
+`mlsae_<name>`; a checkpoint without it is TopK) and `model.safetensors` holding exactly those
+tensors; `from_pretrained` also reads the seed paper's, SAELens' and sparsify's folders (see
+`mlsae.formats`).
 
 Standardization conventions (`norm_convention`, SPEC §3 and §8):
   "mlsae"            std = population std; x~ = (x - mu) / (std + eps); x^ = y (std + eps) + mu
@@ -21,9 +25,7 @@ import math
 import os
 import shutil
 import tempfile
-import warnings
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -32,274 +34,31 @@ from torch import Tensor, nn
 
 from mlsae.config import FORMAT_VERSION
 from mlsae.errors import NotFound, UserError, first_line
-from mlsae.kernels.cpu import topk_plus_bias
+from mlsae.sae import batchtopk, jumprelu, matryoshka, token_topk, topk  # noqa: F401 (register)
+from mlsae.sae.arch import ARCHITECTURES, make
+from mlsae.sae.code import ForwardOutput, SparseCode, TrainOutput
+from mlsae.sae.ops import Selection, _ReconError, sparse_decode, sparse_encode
 
 TENSOR_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec")
 NORM_CONVENTIONS = ("mlsae", "unbiased_eps_div")
 
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 
-
-class SparseCode(NamedTuple):
-    """TopK code of a batch of vectors: `acts`/`idx` are `[..., k]`; `mu`/`std` are `[..., 1]`
-    (the per-vector standardization, needed to map a reconstruction back)."""
-
-    acts: Tensor
-    idx: Tensor
-    mu: Tensor
-    std: Tensor
-
-    def dense(self, n_latents: int) -> Tensor:
-        """The code as a dense `[..., n_latents]` tensor (zeros off the k selected latents),
-        for patching: edit it and map it back with `MLSAE.decode_dense(dense, code)`."""
-        out = self.acts.new_zeros(*self.acts.shape[:-1], n_latents)
-        # scatter_add: padding slots (acts 0, any id) must never overwrite a real entry
-        return out.scatter_add_(-1, self.idx, self.acts)
-
-
-def stack_codes(codes: list[SparseCode]) -> SparseCode:
-    """Stack codes of separate `encode` calls along a new leading dim, padding each to the
-    widest (acts 0, id 0): threshold architectures give codes of different widths."""
-    width = max(c.acts.shape[-1] for c in codes)
-
-    def pad(t: Tensor) -> Tensor:
-        return F.pad(t, (0, width - t.shape[-1]))
-
-    return SparseCode(torch.stack([pad(c.acts) for c in codes]),
-                      torch.stack([pad(c.idx) for c in codes]),
-                      torch.stack([c.mu for c in codes]), torch.stack([c.std for c in codes]))
-
-
-class ForwardOutput(NamedTuple):
-    x_hat: Tensor  # [..., d_model], original (un-standardized) space
-    code: SparseCode
-    aux_acts: Tensor | None  # [N, auxk] pre-activations of dead latents (ReLU'd), training only
-    aux_idx: Tensor | None
-
-
-class _TopKEncode(torch.autograd.Function):
-    """pre = (x - b_dec) @ W_enc + b_enc; returns top-k (and optional dead-latent top-auxk).
-
-    The dense `[N, n_latents]` pre-activations live only inside forward. Backward touches only
-    the selected entries: grad W_enc = X^T G with G sparse (k nonzeros per row), done as a
-    sparse (COO) product, instead of a dense [N, n_latents] @ [N, d_model] product.
-    """
-
-    @staticmethod
-    def forward(ctx, x, b_dec, W_enc, b_enc, k: int, dead: Tensor | None, auxk: int,
-                matmul_dtype: torch.dtype | None = None):
-        xc = x - b_dec  # [N, d]
-        vals, idx, aux_vals, aux_idx = encoder_topk(xc, W_enc, b_enc, k, matmul_dtype, dead,
-                                                    auxk)
-        ctx.save_for_backward(xc, idx, aux_idx, W_enc)
-        ctx.mark_non_differentiable(idx)
-        if aux_idx is not None:
-            ctx.mark_non_differentiable(aux_idx)
-        return vals, idx, aux_vals, aux_idx
-
-    @staticmethod
-    def backward(ctx, g_vals, _g_idx, g_aux, _g_aux_idx):
-        xc, idx, aux_idx, W_enc = ctx.saved_tensors
-        if aux_idx is not None and g_aux is not None:
-            idx = torch.cat([idx, aux_idx], dim=1)
-            g_vals = torch.cat([g_vals, g_aux], dim=1)
-        n_latents = W_enc.shape[1]
-        rows = idx.flatten()
-        g = g_vals.flatten().to(xc.dtype)
-        grad_b_enc = torch.zeros(n_latents, dtype=xc.dtype, device=xc.device)
-        grad_b_enc.index_add_(0, rows, g)
-        grad_W_enc = _sparse_t_matmul(rows, g, xc, n_latents, idx.shape[1]).T
-        grad_b_dec = -(W_enc @ grad_b_enc)
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            # d pre[i, j] / d xc[i] = W_enc[:, j]: gather the k selected columns per row
-            # (attribution through the SAE; only paid when the input requires grad).
-            grad_x, _, _ = _embedding_bag_rows(g_vals.to(xc.dtype), idx, W_enc.T.contiguous())
-        return grad_x, grad_b_dec, grad_W_enc, grad_b_enc, None, None, None, None
-
-
-GPU_CHUNK_FRACTION = 0.1  # of the accelerator's free memory, for one chunk of pre-activations
-GPU_CHUNK_MAX_ROWS = 65536
-
-
-def _rows_per_chunk(device: torch.device, n_latents: int = 4608, itemsize: int = 2) -> int:
-    """Rows of the encoder matmul per chunk: the dense `[rows, n_latents]` pre-activations
-    never exceed one chunk.
-
-    CPU: 2048 rows x 4608 latents of bf16 (19 MB) stay in L3: the matmul alone ran 17% faster
-    per row than with 8192-row chunks, the whole SAE step the same, in less memory.
-    Accelerators: big chunks keep the device busy, but a chunk (plus the torch.topk working
-    copy) must fit: at most GPU_CHUNK_FRACTION of the free memory, and 65,536 rows."""
-    if device.type == "cpu":
-        return 2048
-    free = _free_memory(device)
-    if free is None:
-        return 8192
-    rows = int(free * GPU_CHUNK_FRACTION) // max(1, 2 * n_latents * itemsize)
-    return max(256, min(GPU_CHUNK_MAX_ROWS, rows))
-
-
-def _free_memory(device: torch.device) -> int | None:
-    """Free bytes on an accelerator, or None where torch cannot tell."""
-    try:
-        if device.type == "cuda":
-            return int(torch.cuda.mem_get_info(device)[0])
-        if device.type == "mps":
-            return int(torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory())
-    except (RuntimeError, AttributeError):
-        return None
-    return None
-
-
-def _topk(pre: Tensor, bias: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Top-k of `pre [rows, n] + bias [n]` -> float32 values, ids. The CPU kernel adds the
-    bias in float32; torch.topk (GPU, or no compiler) adds it in place in `pre`'s dtype, so
-    no float32 copy of the chunk is made."""
-    got = topk_plus_bias(pre, bias, k)
-    if got is not None:
-        return got
-    vals, idx = pre.add_(bias.to(pre.dtype)).topk(k, dim=-1, sorted=False)
-    return vals.float(), idx
-
-
-def encoder_topk(xc: Tensor, W_enc: Tensor, b_enc: Tensor, k: int,
-                 matmul_dtype: torch.dtype | None = None, dead: Tensor | None = None,
-                 auxk: int = 0) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
-    """Top-k of `xc [N, d] @ W_enc + b_enc` per row -> values (float32) and ids `[N, k]`,
-    plus the top-auxk among the `dead [n_latents]` columns (or None, None).
-
-    The matmul runs in `matmul_dtype` (None: `xc`'s dtype) one row chunk at a time, so the
-    dense `[N, n_latents]` pre-activations are never held whole.
-    """
-    dtype = matmul_dtype or xc.dtype
-    xq, Wq = xc.to(dtype), W_enc.detach().to(dtype)
-    bias = b_enc.detach().float()
-    n_vec = xc.shape[0]
-    vals = torch.empty(n_vec, k, dtype=torch.float32, device=xc.device)
-    idx = torch.empty(n_vec, k, dtype=torch.long, device=xc.device)
-    aux_vals = aux_idx = dead_idx = None
-    if dead is not None and auxk > 0 and bool(dead.any()):
-        # Only the dead columns compete, and never more than there are dead latents:
-        # with a handful of dead latents this costs a gather, not a second full top-k.
-        dead_idx = dead.nonzero().squeeze(1)
-        n_aux = min(auxk, len(dead_idx))
-        aux_vals = torch.empty(n_vec, n_aux, dtype=torch.float32, device=xc.device)
-        aux_idx = torch.empty(n_vec, n_aux, dtype=torch.long, device=xc.device)
-    step = _rows_per_chunk(xc.device, W_enc.shape[1], xq.element_size())
-    for s in range(0, n_vec, step):
-        pre = xq[s:s + step] @ Wq  # [rows, n_latents], the only dense tensor of the step
-        if dead_idx is not None:  # before the main top-k: torch's path adds the bias in place
-            v, pos = _topk(pre.index_select(1, dead_idx), bias[dead_idx], n_aux)
-            aux_vals[s:s + step], aux_idx[s:s + step] = v, dead_idx[pos]
-        vals[s:s + step], idx[s:s + step] = _topk(pre, bias, k)
-    return vals, idx, aux_vals, aux_idx
-
-
-def _sparse_t_matmul(rows: Tensor, vals: Tensor, x: Tensor, n_rows: int, k: int) -> Tensor:
-    """G^T @ x where G [N, n_rows] has nonzeros vals at (i, rows[i*k + j]) -> [n_rows, d].
-
-    An uncoalesced COO product: on CPU it needs no sort, is deterministic whatever the
-    thread count, and stays fast when a few latents take most of the nonzeros (measured
-    3.5x faster than a CSR product on a skewed [61440 x 4608] pattern).
-    """
-    cols = torch.arange(x.shape[0], device=x.device).repeat_interleave(k)
-    Gt = torch.sparse_coo_tensor(torch.stack([rows, cols]), vals, (n_rows, x.shape[0]),
-                                 check_invariants=False)
-    return torch.sparse.mm(Gt, x)
-
-
-def _embedding_bag_rows(acts: Tensor, idx: Tensor, W_dec: Tensor) -> tuple[Tensor, Tensor,
-                                                                             Tensor]:
-    """`embedding_bag` over bags of k ids -> (output [N, d], bag offsets, offset2bag): the
-    last two are what its per-sample-weight backward needs."""
-    n_vec, k = idx.shape
-    flat = idx.reshape(-1)
-    offsets = torch.arange(0, n_vec * k, k, device=idx.device)
-    out, offset2bag, _, _ = torch.ops.aten._embedding_bag(
-        W_dec, flat, offsets, False, 0, False, acts.reshape(-1), False, -1)
-    return out, offsets, offset2bag
-
-
-class _SparseDecode(torch.autograd.Function):
-    """embedding_bag forward; W_dec's gradient as a sparse product (faster than embedding_bag's
-    own dense backward on CPU), acts' gradient from embedding_bag's per-sample kernel."""
-
-    @staticmethod
-    def forward(ctx, acts, idx, W_dec):
-        out, offsets, offset2bag = _embedding_bag_rows(acts, idx, W_dec)
-        ctx.save_for_backward(acts, idx, W_dec, offsets, offset2bag)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        acts, idx, W_dec, offsets, offset2bag = ctx.saved_tensors
-        return _decode_grads(ctx, grad_out.contiguous(), acts, idx, W_dec, offsets,
-                             offset2bag)
-
-
-def _decode_grads(ctx, g: Tensor, acts: Tensor, idx: Tensor, W_dec: Tensor, offsets: Tensor,
-                  offset2bag: Tensor) -> tuple[Tensor | None, None, Tensor | None]:
-    """Gradients of acts and W_dec for a sparse decode whose output gradient is `g [N, d]`."""
-    grad_acts = grad_W = None
-    if ctx.needs_input_grad[0]:
-        grad_acts = torch.ops.aten._embedding_bag_per_sample_weights_backward(
-            g, W_dec, idx.reshape(-1), offsets, offset2bag, 0, -1).view_as(acts)
-    if ctx.needs_input_grad[2]:
-        grad_W = _sparse_t_matmul(idx.reshape(-1), acts.reshape(-1), g, W_dec.shape[0],
-                                  idx.shape[1])
-    return grad_acts, None, grad_W
-
-
-def sparse_decode(acts: Tensor, idx: Tensor, W_dec: Tensor) -> Tensor:
-    """sum_j acts[i, j] * W_dec[idx[i, j]] -> `[N, d_model]` (k rows gathered per vector)."""
-    return _SparseDecode.apply(acts, idx, W_dec)
-
-
-class _ReconError(torch.autograd.Function):
-    """Per-vector weighted squared error of the decoder, fused with its backward.
-
-    forward: r = sum_j acts_j W_dec[idx_j] + b_dec - target  [N, d] (kept for backward and
-    returned, not differentiable); err = weight * ||r||^2  [N]. The backward forms
-    dL/dr = 2 weight g_err r once and feeds it to b_dec, W_dec (sparse) and acts, instead of
-    the chain of [N, d] elementwise nodes autograd would keep.
-    """
-
-    @staticmethod
-    def forward(ctx, acts, idx, W_dec, b_dec, target, weight):
-        r, offsets, offset2bag = _embedding_bag_rows(acts, idx, W_dec)
-        r.add_(b_dec).sub_(target)
-        err = torch.linalg.vector_norm(r, dim=1).square_().mul_(weight)
-        ctx.save_for_backward(acts, idx, W_dec, r, weight, offsets, offset2bag)
-        ctx.mark_non_differentiable(r)
-        return err, r
-
-    @staticmethod
-    def backward(ctx, g_err, _g_r):
-        acts, idx, W_dec, r, weight, offsets, offset2bag = ctx.saved_tensors
-        g = r * (2 * weight * g_err)[:, None]  # dL/d(reconstruction) [N, d]
-        grad_acts, _, grad_W = _decode_grads(ctx, g, acts, idx, W_dec, offsets, offset2bag)
-        grad_b = g.sum(0) if ctx.needs_input_grad[3] else None
-        grad_target = -g if ctx.needs_input_grad[4] else None
-        grad_weight = None
-        if ctx.needs_input_grad[5]:
-            grad_weight = torch.linalg.vector_norm(r, dim=1).square() * g_err
-        return grad_acts, None, grad_W, grad_b, grad_target, grad_weight
-
-
-class TrainOutput(NamedTuple):
-    err: Tensor  # [N] squared reconstruction error of each vector, original space
-    resid: Tensor  # [N, d_model] reconstruction - input, standardized space (no grad)
-    code: SparseCode
-    aux_acts: Tensor | None
-    aux_idx: Tensor | None
+def arch_name(cfg: dict) -> str:
+    """The architecture a config.json names (`mlsae_<name>`); TopK when it names none."""
+    name = str(cfg.get("architecture") or "mlsae_topk")
+    name = name.removeprefix("mlsae_")
+    return name if name in ARCHITECTURES else "topk"
 
 
 class MLSAE(nn.Module):
-    """One TopK SAE for the resid_post vectors of every layer (the layer is not an input)."""
+    """One SAE for the resid_post vectors of every layer (the layer is not an input).
+    `architecture`: its activation rule (`topk` by default; SPEC §3a); `arch_options`: that
+    rule's options (e.g. `threshold_lr`, `l0_coef`, `matryoshka_widths`)."""
 
     def __init__(self, d_model: int, n_latents: int, k: int, standardize: bool = True,
                  eps: float = 1e-5, config: dict | None = None,
-                 norm_convention: str = "mlsae"):
+                 norm_convention: str = "mlsae", architecture: str = "topk",
+                 arch_options: dict | None = None):
         super().__init__()
         if n_latents <= 0:
             raise UserError(f"n_latents must be positive, got {n_latents}")
@@ -316,7 +75,13 @@ class MLSAE(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(n_latents))
         self.W_dec = nn.Parameter(torch.empty(n_latents, d_model))
         self.b_dec = nn.Parameter(torch.zeros(d_model))
+        self.arch = make(architecture, arch_options)
+        self.arch.setup(self)
         self.reset_parameters()
+
+    @property
+    def architecture(self) -> str:
+        return self.arch.name
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """W_dec rows random unit vectors, W_enc = W_dec^T, biases zero."""
@@ -366,22 +131,44 @@ class MLSAE(nn.Module):
 
     # ---- public API ----------------------------------------------------------------------
     def _encode_rows(self, x: Tensor, dead: Tensor | None = None, auxk: int = 0,
-                     matmul_dtype: torch.dtype | None = None):
-        """`x [N, d_model]` -> (x~, SparseCode, aux_acts, aux_idx): the standardized input,
-        its ReLU'd top-k code and, given `dead` latents and `auxk > 0`, their top-auxk.
-        `matmul_dtype`: dtype of the encoder matmul that selects the top k (None: float32,
+                     matmul_dtype: torch.dtype | None = None, train: bool = False,
+                     n_layers: int | None = None):
+        """`x [N, d_model]` -> (x~, Selection, SparseCode, aux_acts, aux_idx): the
+        standardized input, the architecture's selection and code (training rule when
+        `train`; rows ordered [layer, token] with `n_layers` layers for per-token rules) and,
+        given `dead` latents and `auxk > 0`, their top-auxk ReLU'd pre-activations.
+        `matmul_dtype`: dtype of the encoder matmul that selects the latents (None: float32,
         exact); bfloat16 is ~2.5x faster on CPUs with bf16 units, values stay float32."""
         xt, mu, std = self.preprocess(x)
-        vals, idx, aux_vals, aux_idx = _TopKEncode.apply(
-            xt, self.b_dec, self.W_enc, self.b_enc, self.k, dead, auxk, matmul_dtype)
-        aux_acts = F.relu(aux_vals) if aux_vals is not None else None
-        return xt, SparseCode(F.relu(vals), idx, mu, std), aux_acts, aux_idx
+
+        def select(xc: Tensor) -> Selection:
+            return self.arch.select(self, xc, train=train, n_layers=n_layers,
+                                    matmul_dtype=matmul_dtype, dead=dead, auxk=auxk)
+
+        sel = sparse_encode(xt, self.b_dec, self.W_enc, self.b_enc, select)
+        acts = self.arch.activate(self, sel, train)
+        aux_acts = F.relu(sel.aux_vals) if sel.aux_vals is not None else None
+        return xt, sel, SparseCode(acts, sel.idx, mu, std), aux_acts, sel.aux_idx
 
     def encode(self, x: Tensor, matmul_dtype: torch.dtype | None = None) -> SparseCode:
-        """`x [..., d_model]` -> SparseCode with `acts, idx [..., k]` (acts >= 0)."""
+        """`x [..., d_model]` -> SparseCode with `acts, idx [..., width]` (acts >= 0), each
+        vector encoded on its own (the architecture's inference form; width k for TopK)."""
         shape = x.shape[:-1]
-        _, code, _, _ = self._encode_rows(x.reshape(-1, self.d_model),
-                                          matmul_dtype=matmul_dtype)
+        _, _, code, _, _ = self._encode_rows(x.reshape(-1, self.d_model),
+                                             matmul_dtype=matmul_dtype)
+        return SparseCode(*(t.reshape(*shape, t.shape[-1]) for t in code))
+
+    def encode_layers(self, x: Tensor, matmul_dtype: torch.dtype | None = None
+                      ) -> SparseCode:
+        """`x [layer, ..., d_model]` (every layer of the same tokens) -> SparseCode
+        `[layer, ..., width]`: the per-token rule for `token-topk` (a token's layers share
+        its budget, as in training), `encode` for every other architecture."""
+        if not self.arch.per_token:
+            return self.encode(x, matmul_dtype)
+        shape = x.shape[:-1]
+        _, _, code, _, _ = self._encode_rows(x.reshape(-1, self.d_model),
+                                             matmul_dtype=matmul_dtype,
+                                             n_layers=x.shape[0])
         return SparseCode(*(t.reshape(*shape, t.shape[-1]) for t in code))
 
     def decode_standardized(self, acts: Tensor, idx: Tensor) -> Tensor:
@@ -404,12 +191,12 @@ class MLSAE(nn.Module):
 
     def forward(self, x: Tensor, dead: Tensor | None = None, auxk: int = 0,
                 matmul_dtype: torch.dtype | None = None) -> ForwardOutput:
-        """Encode and decode `x [..., d_model]` (any leading shape; x_hat is float32); with
-        `dead [n_latents]` (2-D `x` only) also return the top `auxk` ReLU'd pre-activations
-        of dead latents for the AuxK loss."""
+        """Encode and decode `x [..., d_model]` (any leading shape; x_hat is float32; each
+        vector on its own, as `encode`); with `dead [n_latents]` (2-D `x` only) also return
+        the top `auxk` ReLU'd pre-activations of dead latents for the AuxK loss."""
         shape = x.shape[:-1]
-        _, code, aux_acts, aux_idx = self._encode_rows(x.reshape(-1, x.shape[-1]), dead,
-                                                       auxk, matmul_dtype)
+        _, _, code, aux_acts, aux_idx = self._encode_rows(x.reshape(-1, x.shape[-1]), dead,
+                                                          auxk, matmul_dtype)
         x_hat = self.postprocess(self.decode_standardized(code.acts, code.idx), code.mu,
                                  code.std)
         if x.dim() != 2:
@@ -418,15 +205,23 @@ class MLSAE(nn.Module):
         return ForwardOutput(x_hat, code, aux_acts, aux_idx)
 
     def forward_train(self, x: Tensor, dead: Tensor | None = None, auxk: int = 0,
-                      matmul_dtype: torch.dtype | None = None) -> TrainOutput:
-        """Training forward on `x [N, d_model]`: the per-vector squared error
+                      matmul_dtype: torch.dtype | None = None, n_layers: int | None = None
+                      ) -> TrainOutput:
+        """Training forward on `x [N, d_model]` (rows ordered [layer, token] when `n_layers`
+        is given) with the architecture's training rule: the per-vector squared error
         ||x_hat - x||^2 in the original space, computed in standardized space as
-        (std + eps)^2 ||x~_hat - x~||^2 (equal up to rounding, with no un-standardizing in
-        the graph); plus what the AuxK loss needs, as in `forward`."""
-        xt, code, aux_acts, aux_idx = self._encode_rows(x, dead, auxk, matmul_dtype)
+        out_scale(std)^2 ||x~_hat - x~||^2 (equal up to rounding, with no un-standardizing
+        in the graph); the same for each nested prefix of the dictionary (Matryoshka); the
+        architecture's penalty (JumpReLU's L0); and what the AuxK loss needs."""
+        xt, sel, code, aux_acts, aux_idx = self._encode_rows(x, dead, auxk, matmul_dtype,
+                                                             train=True, n_layers=n_layers)
         weight = self.out_scale(code.std).square().squeeze(-1)
         err, resid = _ReconError.apply(code.acts, code.idx, self.W_dec, self.b_dec, xt, weight)
-        return TrainOutput(err, resid, code, aux_acts, aux_idx)
+        prefix_err = [_ReconError.apply(code.acts * (code.idx < m), code.idx, self.W_dec,
+                                        self.b_dec, xt, weight)[0]
+                      for m in self.arch.prefixes(self)[:-1]]
+        return TrainOutput(err, resid, code, aux_acts, aux_idx, prefix_err,
+                           self.arch.penalty(self, sel))
 
     def spliced(self, model, layers: list[int] | None = None, *, error: bool = False,
                 latents: dict[int, float] | list[int] | None = None, **kw):
@@ -458,12 +253,17 @@ class MLSAE(nn.Module):
     # ---- checkpoint I/O ------------------------------------------------------------------
     def full_config(self) -> dict:
         cfg = dict(self.config)
-        cfg.update(format_version=FORMAT_VERSION, architecture="mlsae_topk",
+        cfg.update(format_version=FORMAT_VERSION, architecture=f"mlsae_{self.arch.name}",
                    d_model=self.d_model, n_latents=self.n_latents, k=self.k,
-                   standardize=self.standardize, eps=self.eps)
+                   standardize=self.standardize, eps=self.eps, **self.arch.config())
         if self.norm_convention != "mlsae":  # old readers see the keys they know
             cfg["norm_convention"] = self.norm_convention
         return cfg
+
+    @property
+    def tensor_names(self) -> tuple[str, ...]:
+        """The tensors of model.safetensors: the four of SPEC §3, then the architecture's."""
+        return TENSOR_NAMES + self.arch.tensors
 
     def save_pretrained(self, path: str | os.PathLike) -> Path:
         """Write `config.json` and `model.safetensors` into folder `path`; each file is
@@ -480,7 +280,8 @@ class MLSAE(nn.Module):
         return path
 
     def write_files(self, folder: Path) -> None:
-        tensors = {n: getattr(self, n).detach().float().cpu().contiguous() for n in TENSOR_NAMES}
+        tensors = {n: getattr(self, n).detach().float().cpu().contiguous()
+                   for n in self.tensor_names}
         save_file(tensors, str(folder / "model.safetensors"),
                   metadata={"format": "pt", "mlsae_format_version": str(FORMAT_VERSION)})
         (folder / "config.json").write_text(json.dumps(self.full_config(), indent=2) + "\n")
@@ -531,13 +332,21 @@ class MLSAE(nn.Module):
                         dtype: torch.dtype | str | None = None) -> MLSAE:
         """An MLSAE from a config (config.json's keys) and its four tensors."""
         d, n, k = int(cfg["d_model"]), int(cfg["n_latents"]), int(cfg["k"])
+        arch = arch_name(cfg)
+        opts = {key: cfg[key] for key in ARCHITECTURES[arch].options if key in cfg}
         meta = {key: v for key, v in cfg.items()
-                if key not in ("d_model", "n_latents", "k", "norm_convention")}
+                if key not in ("d_model", "n_latents", "k", "norm_convention", "architecture",
+                               *opts)}
         sae = cls(d, n, k, standardize=bool(cfg.get("standardize", True)),
                   eps=float(cfg.get("eps", 1e-5)), config=meta,
-                  norm_convention=cfg.get("norm_convention") or "mlsae")
+                  norm_convention=cfg.get("norm_convention") or "mlsae", architecture=arch,
+                  arch_options=opts)
+        missing = [name for name in sae.tensor_names if name not in tensors]
+        if missing:
+            raise UserError(f"checkpoint of architecture {arch!r} lacks "
+                            f"{', '.join(missing)}")
         with torch.no_grad():
-            for name in TENSOR_NAMES:
+            for name in sae.tensor_names:
                 getattr(sae, name).copy_(tensors[name])
         if isinstance(dtype, str):
             table = {"float32": torch.float32, "bfloat16": torch.bfloat16,
@@ -559,7 +368,7 @@ class MLSAE(nn.Module):
         return repo_id
 
 
-@torch.no_grad()
+
 def geometric_median(x: Tensor, iters: int = 30, tol: float = 1e-6) -> Tensor:
     """Weiszfeld's algorithm for the geometric median of rows of `x [N, d]`."""
     x = x.float()
@@ -571,3 +380,4 @@ def geometric_median(x: Tensor, iters: int = 30, tol: float = 1e-6) -> Tensor:
             return new
         med = new
     return med
+

@@ -106,8 +106,8 @@ def load_checkpoint(ckpt: Path, sae: MLSAE, opt: torch.optim.Optimizer,
     tensors (state.safetensors) and state.json."""
     saved = MLSAE.from_pretrained(ckpt)
     with torch.no_grad():
-        for n, p in sae.named_parameters():
-            p.copy_(getattr(saved, n))
+        for n in sae.tensor_names:  # parameters and the architecture's buffers (threshold)
+            getattr(sae, n).copy_(getattr(saved, n))
     try:
         opt_t = load_file(str(ckpt / "optimizer.safetensors"))
         tensors = load_file(str(ckpt / "state.safetensors"))

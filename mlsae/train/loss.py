@@ -31,6 +31,8 @@ class LossOutput(NamedTuple):
     fired: Tensor  # [n_latents] bool: fired somewhere in the global batch
     l0: Tensor  # [layer] float64 sum over tokens of active latents, global batch
     n_tokens: int  # tokens per layer in the global batch
+    min_kept: float  # smallest positive activation of the global batch (inf: none)
+    extra: float  # prefix FVUs and penalty terms of the loss beyond mean FVU (global)
 
     @property
     def fvu(self) -> list[float]:
@@ -74,13 +76,15 @@ def auxk_loss(sae: MLSAE, resid: Tensor, aux_acts: Tensor, aux_idx: Tensor, n_de
 
 
 def loss(sae: MLSAE, x: Tensor, dead: Tensor | None, dist: Dist | None = None, auxk: int = 0,
-         auxk_coef: float = 1 / 32, matmul_dtype: torch.dtype | None = None
-         ) -> LossOutput | None:
+         auxk_coef: float = 1 / 32, matmul_dtype: torch.dtype | None = None,
+         penalty_coef: float = 0.0) -> LossOutput | None:
     """The loss of `sae` on this rank's `x [layer, token, d_model]`.
 
     `dead [n_latents]` bool marks the dead latents (None or all False: no AuxK). Returns None
     when the global batch holds no token. The loss is mean_l err_l / var_l + auxk_coef * AuxK,
-    with err_l and var_l summed over the global batch.
+    with err_l and var_l summed over the global batch; for Matryoshka the first term is the
+    mean over the nested prefixes of the same FVU; for JumpReLU `penalty_coef` x the mean L0
+    per vector is added.
     """
     dist = dist or Dist()
     n_layers, n_tok, d = x.shape
@@ -89,22 +93,35 @@ def loss(sae: MLSAE, x: Tensor, dead: Tensor | None, dist: Dist | None = None, a
         return None
     n_dead = int(dead.sum()) if dead is not None else 0
     out = sae.forward_train(x.reshape(-1, d), dead=dead.to(x.device) if n_dead else None,
-                            auxk=auxk, matmul_dtype=matmul_dtype)
+                            auxk=auxk, matmul_dtype=matmul_dtype, n_layers=n_layers)
     err = out.err.view(n_layers, n_tok).sum(1)  # [layer], this rank
     total = (err / var).mean()
+    extra = torch.zeros((), device=x.device)  # this rank's share beyond the full code's FVU
+    if out.prefix_err:
+        prefixes = [(e.view(n_layers, n_tok).sum(1) / var).mean() for e in out.prefix_err]
+        mean = (total + sum(prefixes)) / (len(prefixes) + 1)
+        total, extra = mean, mean - total
+    if out.penalty is not None and penalty_coef:
+        pen = penalty_coef * out.penalty.sum() / (n_all * n_layers)
+        total, extra = total + pen, extra + pen
     aux = torch.zeros((), device=x.device)
     if out.aux_acts is not None:
         aux = auxk_loss(sae, out.resid, out.aux_acts, out.aux_idx, n_dead, auxk, dist)
         total = total + auxk_coef * aux
     with torch.no_grad():
-        stats = all_reduce_(torch.cat([f64(err), f64(aux)[None]]), dist)
+        stats = all_reduce_(torch.cat([f64(err), f64(aux)[None], f64(extra.detach())[None]]),
+                            dist)
         acts, idx = out.code.acts, out.code.idx
+        pos = acts[acts > 0]
+        low = (pos.min() if len(pos) else acts.new_tensor(torch.inf)).reshape(1).float()
+        all_reduce_(low, dist, op=ReduceOp.MIN)
         fired = torch.bincount(idx.flatten(), weights=(acts > FIRED_THRESHOLD).flatten().float(),
                                minlength=sae.n_latents).gt(0).int()
         l0 = f64((acts > 0).reshape(n_layers, n_tok, -1).sum(-1)).sum(1)  # [layer]
         all_reduce_(fired, dist, op=ReduceOp.MAX)
         all_reduce_(l0, dist)
-    return LossOutput(total, stats[:n_layers], var, stats[-1].item(), fired.bool(), l0, n_all)
+    return LossOutput(total, stats[:n_layers], var, stats[n_layers].item(), fired.bool(), l0,
+                      n_all, float(low), stats[-1].item())
 
 
 def update_dead_counters(tokens_since_fired: Tensor, fired: Tensor, n_tokens: int) -> Tensor:

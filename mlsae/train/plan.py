@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from mlsae import config as C
-from mlsae.config import RunConfig
+from mlsae.config import RunConfig, arch_options
 from mlsae.data.sources import BUILTIN_TEXT, python_version
 from mlsae.data.split import resolve_prepend_bos
 from mlsae.errors import UserError
@@ -27,11 +27,13 @@ RESUME_FREE = {"device", "threads", "log_every", "save_every", "eval_tokens", "o
 
 def default_run_dir(cfg: RunConfig) -> Path:
     name = Path(cfg.train.model).name.removesuffix(".gguf").replace("/", "_")
-    return Path("runs") / f"{name}-x{cfg.sae.expansion_factor}-k{cfg.sae.k}"
+    arch = "" if cfg.sae.arch == "topk" else f"-{cfg.sae.arch}"
+    return Path("runs") / f"{name}{arch}-x{cfg.sae.expansion_factor}-k{cfg.sae.k}"
 
 
 def validate(cfg: RunConfig) -> None:
     """Checks that need no model; the rest happen once d_model is known."""
+    arch_options(cfg.sae)  # a bad --arch is one line before anything loads
     if cfg.sae.expansion_factor <= 0:
         raise UserError(f"--expansion-factor must be positive, got {cfg.sae.expansion_factor}")
     if cfg.sae.k <= 0:

@@ -12,8 +12,9 @@ from mlsae import config as C
 from mlsae.errors import UserError
 
 SWEEPABLE = {"expansion_factor", "k", "standardize", "lr", "auxk", "auxk_coef", "dead_tokens",
-             "lr_decay", "warmup_steps", "sae_matmul_dtype"}
-_SHORT = {"expansion_factor": "x"}
+             "lr_decay", "warmup_steps", "sae_matmul_dtype", "arch", "threshold_lr", "l0_coef",
+             "l0_warmup", "bandwidth"}
+_SHORT = {"expansion_factor": "x", "arch": ""}
 
 
 def parse_sweep(spec: str) -> list[dict]:

@@ -70,7 +70,8 @@ class Trainer:
         self.rng = torch.Generator().manual_seed(t.seed)  # the run's only random stream
         meta = checkpoint_meta(cfg, layers, self.lr, self.auxk, self.dead_tokens)
         self.sae = MLSAE(d_model, self.n_latents, cfg.sae.k, cfg.sae.standardize,
-                         cfg.sae.eps, config=meta)
+                         cfg.sae.eps, config=meta, architecture=cfg.sae.arch,
+                         arch_options=C.arch_options(cfg.sae))
         self.sae.reset_parameters(self.rng)
         self.sae.to(device)
         self.opt = torch.optim.Adam(self.sae.parameters(), lr=self.lr, eps=6.25e-10)
@@ -87,7 +88,7 @@ class Trainer:
             self.init_b_dec(x)
         dead = self.tokens_since_fired >= self.dead_tokens
         out = loss(self.sae, x, dead, self.dist, self.auxk, self.cfg.train.auxk_coef,
-                   self.matmul_dtype)
+                   self.matmul_dtype, self.penalty_coef(self.step))
         if out is None:
             return {}
         self.opt.zero_grad(set_to_none=True)
@@ -103,11 +104,13 @@ class Trainer:
             g["lr"] = self.lr_at(self.step)
         self.opt.step()
         self.sae.normalize_decoder()
+        self.sae.arch.after_step(self.sae, out.min_kept)
         update_dead_counters(self.tokens_since_fired, out.fired, out.n_tokens)
         self.step += 1
         self.tokens_seen += out.n_tokens
         fvu = out.fvu
-        return {"loss": sum(fvu) / len(fvu) + self.cfg.train.auxk_coef * out.aux_loss,
+        return {"loss": sum(fvu) / len(fvu) + self.cfg.train.auxk_coef * out.aux_loss
+                + out.extra,
                 "fvu": fvu, "l0": (out.l0 / out.n_tokens).tolist(), "auxk_loss": out.aux_loss,
                 "dead_fraction": int(dead.sum()) / self.n_latents}
 
@@ -116,6 +119,16 @@ class Trainer:
         """b_dec = geometric median of the first global batch, all layers pooled."""
         xt, _, _ = self.sae.preprocess(all_gather_rows(x.reshape(-1, x.shape[-1]), self.dist))
         self.sae.b_dec.copy_(geometric_median(xt))
+        self.sae.arch.init_from_batch(self.sae, xt)
+
+    def penalty_coef(self, step: int) -> float:
+        """The sparsity penalty's weight at `step` (JumpReLU's `l0_coef`, rising linearly over
+        the first `l0_warmup` fraction of the steps); 0 for the other architectures."""
+        opts = self.sae.arch.opts
+        if "l0_coef" not in opts:
+            return 0.0
+        warm = float(opts.get("l0_warmup", 0)) * self.total_steps
+        return float(opts["l0_coef"]) * (min(1.0, (step + 1) / warm) if warm > 0 else 1.0)
 
     def lr_at(self, step: int) -> float:
         t = self.cfg.train

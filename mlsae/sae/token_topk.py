@@ -1,0 +1,29 @@
+"""`token-topk`, the cross-layer budget: for each token, the k x L largest ReLU'd
+pre-activations over its L layer vectors together, so a latent fires at the layers where it
+matters for that token instead of k latents at every layer.
+
+Two inference forms: `MLSAE.encode_layers(x [layer, token, d])` applies the same per-token
+rule (all layers of a token encoded together, as in training); a single vector alone
+(`encode`, splicing one layer) uses one threshold, the running average of the smallest kept
+activation per training batch, like BatchTopK.
+"""
+
+from __future__ import annotations
+
+from mlsae.sae.arch import RunningThreshold, register
+from mlsae.sae.ops import Selection, group_topk
+
+
+@register
+class TokenTopK(RunningThreshold):
+    """A budget of k x L per token, shared by its L layers."""
+
+    name = "token-topk"
+    per_token = True
+
+    def select(self, sae, xc, *, train, n_layers, matmul_dtype, dead, auxk) -> Selection:
+        if n_layers is None:  # vectors without their token's other layers: threshold form
+            return super().select(sae, xc, train=train, n_layers=n_layers,
+                                  matmul_dtype=matmul_dtype, dead=dead, auxk=auxk)
+        return group_topk(xc, sae.W_enc, sae.b_enc, sae.k, n_layers, matmul_dtype, dead,
+                          auxk)
