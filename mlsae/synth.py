@@ -283,7 +283,7 @@ def synth_score(run: str | Path, cache: str | Path, tokens: int = 16_384, seed: 
         n = min(batch_tokens, tokens - done)
         x, tidx, tacts = sample(truth, spec, n, g)
         true_st.update(tidx, tacts)
-        code = sae.encode(x)  # acts, idx [L, T, k]
+        code = sae.encode_layers(x)  # acts, idx [L, T, width]
         sae_st.update(code.idx, code.acts)
         matched_st.update(code.idx, code.acts * matched[code.idx])
         x_hat = sae.decode(code)

@@ -141,19 +141,20 @@ class RunCodes:
 
     @torch.inference_mode()
     def encode(self, ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Codes of `ids [batch, seq]` -> acts, idx `[layer, batch, seq, k]` (acts 0 at excluded
-        positions) and the include mask `[batch, seq]` (on the LM's device)."""
+        """Codes of `ids [batch, seq]` -> acts, idx `[layer, batch, seq, width]` (acts 0 at
+        excluded positions; width k for TopK) and the include mask `[batch, seq]` (on the LM's
+        device)."""
         x, mask = batch_activations(self.lm, ids, self.layers, self.data_cfg, self.lm.device)
         if self.lens is not None:
             x = self.lens.translate(x, self.layers)
         mask = mask.to(self.lm.device)
-        shape = (self.n_layers, *ids.shape, self.sae.k)
+        # every layer of a token together: token-topk's per-token rule needs them (the other
+        # architectures encode each vector alone); the encoder runs in row chunks
+        code = self.sae.encode_layers(x)  # acts, idx [layer, token, width]
+        shape = (self.n_layers, *ids.shape, code.acts.shape[-1])
         acts = torch.zeros(shape, device=self.lm.device)
         idx = torch.zeros(shape, dtype=torch.long, device=self.lm.device)
-        # one layer at a time: bounds the dense pre-activations to [token, n_latents]
-        for i in range(self.n_layers):
-            code = self.sae.encode(x[i])  # acts, idx [token, k]
-            acts[i][mask], idx[i][mask] = code.acts, code.idx
+        acts[:, mask], idx[:, mask] = code.acts, code.idx
         return acts, idx, mask
 
     def stream(self, batch_list: list[Tensor], desc: str, progress: bool = True
