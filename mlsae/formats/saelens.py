@@ -18,7 +18,18 @@ SAELens folder reads back in that convention exactly.
 
 Other SAELens options are folded into the weights on reading: `apply_b_dec_to_input: false`
 (b_enc += b_dec W_enc) and `rescale_acts_by_decoder_norm` (W_enc and b_enc times the decoder
-row norms, W_dec rows divided by them). Only the `topk` architecture is read.
+row norms, W_dec rows divided by them; a threshold compares with the rescaled
+pre-activations, so it is unchanged).
+
+Architectures. Read: `topk`; `jumprelu` (inference folders, `threshold [d_sae]`, or an older
+`log_threshold`); the training folders `batchtopk` (`topk_threshold`, a scalar) and
+`matryoshka_batchtopk` (also `matryoshka_widths`), both read in their threshold inference
+form. Export: `topk` as `topk` with `k`; every other mlsae architecture as SAELens does for
+BatchTopK and Matryoshka, `jumprelu` with its `threshold [d_sae]` (all equal to theta for the
+running-threshold rules; token-topk's per-token rule has no SAELens form, its single-vector
+threshold form is what is exported). The pre-activations are the same in both conventions, so
+thresholds carry over unchanged; an mlsae folder records its own architecture in the metadata
+and reads back as it.
 """
 
 from __future__ import annotations
@@ -41,6 +52,9 @@ from mlsae.formats.registry import (
 )
 
 CFG, WEIGHTS = "cfg.json", "sae_weights.safetensors"
+# SAELens architecture -> the mlsae architecture it is read as
+READ_ARCHS = {"topk": "mlsae_topk", "jumprelu": "mlsae_jumprelu",
+              "batchtopk": "mlsae_batchtopk", "matryoshka_batchtopk": "mlsae_matryoshka"}
 SAELENS_VERSION = "6.0.0"  # the cfg.json layout written (SAELens >= 6 reads it as is)
 SAELENS_EPS = 1e-5  # fixed in SAELens' layer_norm
 
@@ -81,9 +95,9 @@ def read_saelens(folder: Path, hints: Hints, tensors: bool = True) -> Checkpoint
         d, n = int(raw["d_in"]), int(raw["d_sae"])
     except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise UserError(f"checkpoint {str(folder)!r}: bad SAELens cfg.json ({e})") from None
-    if arch != "topk" or k is None:
+    if arch not in READ_ARCHS or (arch != "jumprelu" and k is None):
         raise UserError(f"checkpoint {str(folder)!r}: SAELens architecture {arch!r}; mlsae "
-                        "reads only TopK SAEs")
+                        f"reads {', '.join(READ_ARCHS)}")
     norm = raw.get("normalize_activations") or "none"
     if norm not in ("none", "layer_norm"):
         raise UserError(f"checkpoint {str(folder)!r}: normalize_activations {norm!r} is not "
@@ -100,7 +114,11 @@ def read_saelens(folder: Path, hints: Hints, tensors: bool = True) -> Checkpoint
                         "residual stream after a block (blocks.<l>.hook_resid_post)")
     seqpos = meta.get("seqpos_slice") or [None]
     cfg = dict(ours.get("config") or {})  # an mlsae export carries its run's config
-    cfg.update({"d_model": d, "n_latents": n, "k": int(k),
+    ours_arch = (ours.get("config") or {}).get("architecture")
+    cfg.update({"d_model": d, "n_latents": n,
+                "k": int(k if k is not None else cfg.get("k") or 1),
+                "architecture": ours_arch if arch == "jumprelu" and ours_arch
+                else READ_ARCHS[arch],
                 "standardize": norm == "layer_norm", "eps": SAELENS_EPS,
                 "norm_convention": "unbiased_eps_div",
                 "expansion_factor": n // d if n % d == 0 else n / d,
@@ -126,7 +144,24 @@ def read_saelens(folder: Path, hints: Hints, tensors: bool = True) -> Checkpoint
     if raw.get("rescale_acts_by_decoder_norm"):
         norms = W_dec.norm(dim=-1)
         W_enc, b_enc, W_dec = W_enc * norms, b_enc * norms, W_dec / norms[:, None]
-    return Checkpoint(cfg, {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec})
+    out = {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}
+    if arch != "topk":
+        out["threshold"] = saelens_threshold(t, n, folder)
+    if arch == "matryoshka_batchtopk" and raw.get("matryoshka_widths"):
+        cfg["matryoshka_widths"] = ",".join(str(int(w)) for w in raw["matryoshka_widths"])
+    return Checkpoint(cfg, out)
+
+
+def saelens_threshold(t: dict, n: int, folder: Path) -> torch.Tensor:
+    """`threshold [d_sae]` from a SAELens state dict: `threshold`, `log_threshold` (older
+    JumpReLU folders) or BatchTopK's scalar `topk_threshold`."""
+    if "threshold" in t:
+        return t["threshold"].float().reshape(n)
+    if "log_threshold" in t:
+        return t["log_threshold"].float().exp().reshape(n)
+    if "topk_threshold" in t:
+        return torch.full((n,), float(t["topk_threshold"].float().reshape(-1)[0]))
+    raise UserError(f"checkpoint {str(folder)!r}: {WEIGHTS} has no threshold")
 
 
 # ---- export ----------------------------------------------------------------------------------
@@ -134,11 +169,13 @@ def saelens_weights(sae) -> dict[str, torch.Tensor]:
     """The SAE's tensors in SAELens' conventions (see the module docstring): unchanged for an
     "unbiased_eps_div" SAE or one that does not standardize, rescaled by c = sqrt(d/(d-1))
     for mlsae's convention."""
-    t = {n: getattr(sae, n).detach().float().cpu() for n in ("W_enc", "b_enc", "W_dec", "b_dec")}
+    t = {n: getattr(sae, n).detach().float().cpu() for n in sae.tensor_names}
     if sae.standardize and sae.norm_convention == "mlsae":
         c = math.sqrt(sae.d_model / (sae.d_model - 1))
-        t = {"W_enc": t["W_enc"] * c, "b_enc": t["b_enc"], "W_dec": t["W_dec"] / c,
-             "b_dec": t["b_dec"] / c}
+        t.update({"W_enc": t["W_enc"] * c, "b_enc": t["b_enc"], "W_dec": t["W_dec"] / c,
+                  "b_dec": t["b_dec"] / c})
+    if "threshold" in t:  # the gate compares z itself: a negative theta would pass z < 0
+        t["threshold"] = t["threshold"].clamp_min(0)
     return {n: v.contiguous() for n, v in t.items()}
 
 
@@ -213,8 +250,11 @@ def export_saelens(sae, out: str | Path, layers: list[int] | None = None,
         cfg = {"d_in": sae.d_model, "d_sae": sae.n_latents, "dtype": "float32",
                "device": "cpu", "apply_b_dec_to_input": True,
                "normalize_activations": "layer_norm" if sae.standardize else "none",
-               "reshape_activations": "none", "metadata": meta, "k": sae.k,
-               "rescale_acts_by_decoder_norm": False, "architecture": "topk"}
+               "reshape_activations": "none", "metadata": meta}
+        if sae.architecture == "topk":
+            cfg.update(k=sae.k, rescale_acts_by_decoder_norm=False, architecture="topk")
+        else:  # SAELens' own inference form of BatchTopK / Matryoshka
+            cfg["architecture"] = "jumprelu"
         save_file(weights, str(folder / WEIGHTS), metadata={"format": "pt"})
         (folder / CFG).write_text(json.dumps(cfg, indent=2) + "\n")
         folders.append(str(folder))
