@@ -43,12 +43,12 @@ def opts(**kw):
     return TextOptions(**dict(dict(tokens=TOKENS, batch_size=4), **kw))
 
 
-@pytest.fixture(scope="module")
-def run(tiny_lm, tiny_model_dir, text_file, tmp_path_factory):
+@pytest.fixture(scope="module", params=["topk", "token-topk"])
+def run(request, tiny_lm, tiny_model_dir, text_file, tmp_path_factory):
     """A tiny MLSAE on all 4 layers of the tiny Llama (saved as tiny_model_dir, so the CLI
-    can load it)."""
+    can load it); TopK, and token-topk whose per-token rule the analyses must apply."""
     out = tmp_path_factory.mktemp("analysis") / "run"
-    cfg = RunConfig(SAEConfig(expansion_factor=4, k=8),
+    cfg = RunConfig(SAEConfig(expansion_factor=4, k=8, arch=request.param),
                     DataConfig(dataset=str(text_file), ctx_len=32),
                     TrainConfig(model=str(tiny_model_dir), layers="all", tokens=4 * 32 * 8,
                                 batch_size=4, log_every=2, eval_tokens=128, dead_tokens=200,
@@ -79,13 +79,29 @@ def dense(run, tiny_lm):
     for ids in batch_list:
         x, mask = batch_activations(tiny_lm, ids, list(range(N_LAYERS)), data_cfg)
         a = torch.zeros(N_LAYERS, *ids.shape, N_LATENTS)
-        for i in range(N_LAYERS):
-            code = sae.encode(x[i])
-            a[i][mask] = torch.zeros(len(code.acts), N_LATENTS).scatter_(1, code.idx, code.acts)
+        if sae.architecture == "token-topk":  # brute force: each token's top k x L
+            a[:, mask] = token_budget_dense(sae, x).float()
+        else:
+            for i in range(N_LAYERS):
+                code = sae.encode(x[i])
+                a[i][mask] = torch.zeros(len(code.acts), N_LATENTS).scatter_(1, code.idx,
+                                                                             code.acts)
         out.append(a)
         masks.append(mask)
     return (torch.cat(out, 1).double().numpy(), torch.cat(batch_list).numpy(),
             torch.cat(masks).numpy())
+
+
+def token_budget_dense(sae: MLSAE, x: torch.Tensor) -> torch.Tensor:
+    """Dense float64 codes `[layer, token, n_latents]` of token-topk: for each token, the
+    k x L largest ReLU'd pre-activations over its L layer vectors (computed densely)."""
+    xt, _, _ = sae.preprocess(x)
+    z = ((xt.double() - sae.b_dec.double()) @ sae.W_enc.double() + sae.b_enc.double()).relu()
+    L, T, n = z.shape
+    flat = z.permute(1, 0, 2).reshape(T, L * n)
+    top = flat.topk(sae.k * L, dim=1).indices
+    keep = torch.zeros_like(flat).scatter_(1, top, 1.0)
+    return (flat * keep).view(T, L, n).permute(1, 0, 2)
 
 
 def np_var(p: np.ndarray) -> np.ndarray:
@@ -104,6 +120,10 @@ def test_analyze_files_and_summary_match_numpy(run, analyzed, dense):
     assert counts.shape == totals.shape == (N_LAYERS, N_LATENTS)
     assert counts.dtype == torch.int64 and totals.dtype == torch.float64
     assert set(load_file(str(folder / "dists.safetensors"))) == {"counts", "totals"}
+    summary = json.loads((folder / "summary.json").read_text())
+    arch = MLSAE.from_pretrained(run).architecture
+    assert summary["architecture"] == arch
+    assert summary["active_rule"].startswith(arch) and "acts > 0" in summary["active_rule"]
     flat = a.reshape(N_LAYERS, -1, N_LATENTS)  # [L, token, n]
     np.testing.assert_array_equal(counts.numpy(), (flat > 0).sum(1))
     np.testing.assert_allclose(totals.numpy(), flat.sum(1), rtol=1e-6)
@@ -208,8 +228,11 @@ def test_prompt_analysis(run, analyzed, tiny_lm):
     # independently: dense codes of the prompt's tokens (EOS dropped)
     sae = MLSAE.from_pretrained(run)
     x = tiny_lm.resid_post(torch.tensor([meta["token_ids"]]), list(range(N_LAYERS)))[:, 0, 1:]
-    a = np.stack([torch.zeros(len(ids), N_LATENTS).scatter_(1, c.idx, c.acts).numpy()
-                  for c in map(sae.encode, x)])  # [L, T, n]
+    if sae.architecture == "token-topk":
+        a = token_budget_dense(sae, x).float().numpy()
+    else:
+        a = np.stack([torch.zeros(len(ids), N_LATENTS).scatter_(1, c.idx, c.acts).numpy()
+                      for c in map(sae.encode, x)])  # [L, T, n]
     counts, totals, _ = load_dists(folder / "dists.safetensors")
     np.testing.assert_array_equal(counts.numpy(), (a > 0).sum(1))
     np.testing.assert_allclose(totals.numpy(), a.sum(1), rtol=1e-5)

@@ -305,7 +305,10 @@ def analyze_prompt(codes: RunCodes, text: str, root: Path) -> dict:
                         "exclude_first)")
     out = root / f"prompt-{hashlib.sha1(text.encode()).hexdigest()[:8]}"
     summary = write_distribution(out, dist, ptv, codes.layers,
-                                 {"prompt": text, "tokens": ids.shape[1]}, "prompt",
+                                 {"prompt": text, "tokens": ids.shape[1],
+                                  "architecture": codes.sae.architecture,
+                                  "active_rule": codes.sae.arch.active_rule(codes.sae, True)},
+                                 "prompt",
                                  PROMPT_HEATMAP_LATENTS, dyn)
     strings = token_strings(codes.lm.tokenizer, ids[0].tolist())
     per_token, top1, top1_acts = top_latents_per_token(acts[:, 0], idx[:, 0],
@@ -333,6 +336,8 @@ def analyze_dataset(codes: RunCodes, out: Path, progress: bool, t0: float) -> di
                         "exclude_first)")
     cfg, opts = codes.data_cfg, codes.opts
     extra = {"tokens": tokens, "dataset": cfg.eval_dataset or f"{cfg.dataset} (held-out split)",
+             "architecture": codes.sae.architecture,
+             "active_rule": codes.sae.arch.active_rule(codes.sae, per_token=True),
              "ctx_len": cfg.ctx_len, "outliers": tally.result(codes.layers),
              "options": {k: v for k, v in asdict(opts).items() if k != "device"}}
     note = shortfall_note(opts, cfg.ctx_len, tokens)

@@ -72,6 +72,10 @@ class Architecture:
         """Update running statistics after an optimizer step (`min_kept`: the smallest
         positive training activation of the global batch, inf when none)."""
 
+    def active_rule(self, sae, per_token: bool = False) -> str:
+        """One line saying when a latent counts as active, for summaries."""
+        return f"topk: the k={sae.k} largest ReLU'd pre-activations of each vector, acts > 0"
+
     def prefixes(self, sae) -> list[int]:
         """Nested dictionary prefixes that must reconstruct on their own (Matryoshka)."""
         return []
@@ -88,6 +92,12 @@ class ThresholdInference(Architecture):
 
     def setup(self, sae) -> None:
         sae.register_buffer("threshold", torch.zeros(sae.n_latents))
+
+    def active_rule(self, sae, per_token: bool = False) -> str:
+        theta = sae.threshold.detach().clamp_min(0)
+        lo, hi = float(theta.min()), float(theta.max())
+        what = f"theta={lo:.4g}" if lo == hi else f"per-latent theta in [{lo:.4g}, {hi:.4g}]"
+        return f"{self.name}: z > threshold ({what}), each vector alone"
 
     def select(self, sae, xc, *, train, n_layers, matmul_dtype, dead, auxk) -> Selection:
         return above_threshold(xc, sae.W_enc, sae.b_enc, sae.threshold.clamp_min(0),

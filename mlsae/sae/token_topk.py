@@ -21,6 +21,12 @@ class TokenTopK(RunningThreshold):
     name = "token-topk"
     per_token = True
 
+    def active_rule(self, sae, per_token: bool = False) -> str:
+        if not per_token:
+            return super().active_rule(sae)
+        return (f"token-topk: the k x L = {sae.k} x L largest ReLU'd pre-activations over "
+                "each token's L layer vectors together, acts > 0")
+
     def select(self, sae, xc, *, train, n_layers, matmul_dtype, dead, auxk) -> Selection:
         if n_layers is None:  # vectors without their token's other layers: threshold form
             return super().select(sae, xc, train=train, n_layers=n_layers,

@@ -187,5 +187,6 @@ def heldout_summaries(trainers: list[Trainer], lm: LanguageModel, source: TokenS
                     x_hat = lens.inverse(x_hat[None], tr.layers[i:i + 1])[0]
                 st.update_layer(i, x[i], x_hat, out.code.acts, out.code.idx)
             st.n += x.shape[1]
-    return [dict(st.result(), layers=tr.layers) if st.n else None
+    return [dict(st.result(), layers=tr.layers, architecture=tr.sae.architecture,
+                 active_rule=tr.sae.arch.active_rule(tr.sae)) if st.n else None
             for tr, st in zip(trainers, stats)]
