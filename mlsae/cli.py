@@ -32,9 +32,21 @@ COMMAND_MODULES = (
 )
 
 
+def version() -> str:
+    """The installed mlsae's version (its package metadata, from pyproject.toml)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("mlsae")
+    except PackageNotFoundError:  # imported from a source tree that was never installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> Parser:
     parser = Parser(prog="mlsae", description="Multi-layer sparse autoencoders: train one "
                     "TopK SAE on the residual stream of every layer of a causal LM.")
+    parser.add_argument("--version", action="version", version=f"mlsae {version()}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     for name in COMMAND_MODULES:
         importlib.import_module(name).add_commands(sub)

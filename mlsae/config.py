@@ -229,15 +229,21 @@ class RunConfig:
     verbatim (`to_dict`) into checkpoint/state.json and config.json's "run"."""
 
     sae: SAEConfig = field(default_factory=SAEConfig)
+    """The SAE's shape and preprocessing."""
     data: DataConfig = field(default_factory=DataConfig)
+    """Where the text comes from and how it is packed."""
     train: TrainConfig = field(default_factory=TrainConfig)
+    """The model, layers, token budget, optimizer and output options."""
 
     def to_dict(self) -> dict:
+        """Plain JSON-ready dict {"sae", "data", "train"}, as written into config.json."""
         return {"sae": to_dict(self.sae), "data": to_dict(self.data),
                 "train": to_dict(self.train)}
 
     @classmethod
     def from_dict(cls, d: dict) -> RunConfig:
+        """The inverse of `to_dict`: fields a stored config lacks take their `LEGACY_DEFAULTS`
+        (what older runs meant) or their defaults; unknown keys are ignored."""
         return cls(from_dict(SAEConfig, d["sae"]), from_dict(DataConfig, d["data"]),
                    from_dict(TrainConfig, d["train"]))
 

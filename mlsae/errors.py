@@ -40,9 +40,11 @@ class OptionError(UserError):
 
     @property
     def flag(self) -> str:
+        """The field's command-line flag (`TrainConfig.log` -> `--log`)."""
         return "--" + self.field.rsplit(".", 1)[-1].replace("_", "-")
 
     def cli_message(self) -> str:
+        """The message naming the flag, as the command line prints it."""
         return self.template.replace("{option}", self.flag)
 
 

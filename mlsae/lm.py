@@ -104,10 +104,12 @@ class LanguageModel:
 
     @property
     def n_layers(self) -> int:
+        """Number of decoder blocks."""
         return len(self.blocks)
 
     @property
     def d_model(self) -> int:
+        """Width of the residual stream."""
         return _text_config(self.model.config).hidden_size
 
     @property
@@ -355,6 +357,8 @@ def cast_lm(lm: LanguageModel, dtype: str, blocks: str | None = None) -> Languag
 
 def wrap_model(model: nn.Module, tokenizer, name: str, blocks: str | None = None
                ) -> LanguageModel:
+    """An already loaded causal LM and its tokenizer as a `LanguageModel` (eval mode, no
+    gradients), its decoder blocks found as `load_lm` finds them (`blocks`: the path)."""
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)

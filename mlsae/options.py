@@ -78,15 +78,25 @@ def build_config(cls, given: dict):
 class TextOptions:
     """Options shared by every command that streams text through a trained run."""
 
-    dataset: str | None = None  # None: the run's held-out split
+    dataset: str | None = None
+    """`pydoc`, a .txt/.jsonl/.parquet file or folder, or a datasets hub id; None: the run's
+    held-out split (never trained on)."""
     split: str | None = None
+    """Split of a hub dataset (None: the run's)."""
     text_column: str | None = None
+    """Text column of .jsonl/.parquet files and hub datasets (None: the run's)."""
     ctx_len: int | None = None
+    """Tokens per sequence (None: the run's)."""
     tokens: int = 100_000
+    """Tokens to stream; fewer if the text runs out (the command says so)."""
     batch_size: int = 8
-    model: str | None = None  # None: the run's model
+    """Sequences per forward pass."""
+    model: str | None = None
+    """Language model (None: the run's)."""
     device: str = "auto"
+    """auto, cpu, cuda or mps."""
     dtype: str = "float32"
+    """The LM's dtype."""
 
 
 def add_text_options(parser: argparse.ArgumentParser, tokens: int = 100_000) -> None:

@@ -20,6 +20,7 @@ DIRECTIVE = re.compile(r"^::: *([\w.]+)\s*$")
 MEMBERS = re.compile(r"^\s+members:\s*\[(.*)\]\s*$")
 # Dunder and framework methods whose meaning is fixed elsewhere (Python, torch.nn.Module).
 EXEMPT = {"forward", "extra_repr"}
+CONSTANT = re.compile(r"^[A-Z][A-Z0-9_]+$")  # class constants: hidden from the reference too
 
 
 def directives(reference: Path) -> list[tuple[str, list[str] | None, str]]:
@@ -53,7 +54,7 @@ def undocumented(obj, members: list[str] | None) -> list[str]:
     if not (obj.is_class or obj.is_module):
         return missing
     for name, member in obj.members.items():
-        if member.is_alias or name.startswith("_") or name in EXEMPT:
+        if member.is_alias or name.startswith("_") or name in EXEMPT or CONSTANT.match(name):
             continue
         if members is not None and name not in members:
             continue
