@@ -55,7 +55,7 @@ from torch import Tensor
 from mlsae.activations.cache import MANIFEST
 from mlsae.analysis.analyze import json_safe
 from mlsae.analysis.dynamics import LayerDynamics
-from mlsae.analysis.layer_dist import LayerDistribution, n_active_layers
+from mlsae.analysis.layer_dist import LayerDistribution, n_active_layers, weak_firings
 from mlsae.analysis.token_variance import PerTokenLayerVariance
 from mlsae.config import DataConfig
 from mlsae.errors import UserError
@@ -168,10 +168,16 @@ class Stats:
         self.dist = LayerDistribution(n_layers, n_latents)
         self.ptv = PerTokenLayerVariance(n_layers, n_latents)
         self.dyn = LayerDynamics(n_layers, n_latents)
+        self.n_latents = n_latents
+        self.active: list[tuple[Tensor, Tensor]] = []  # every active (id, act), weak firings
+        self.vectors = 0
 
     def update(self, idx: Tensor, acts: Tensor) -> None:
         for st in (self.dist, self.ptv, self.dyn):
             st.update(idx, acts)
+        on = acts > 0
+        self.active.append((idx[on], acts[on].float()))
+        self.vectors += acts[..., 0].numel()
 
     def compute(self) -> dict[str, float]:
         pt, dy = self.ptv.compute(), self.dyn.compute()
@@ -188,7 +194,10 @@ class Stats:
                 "frac_pairs_single_layer": pt["frac_single_layer"],
                 "frac_latents_multi_layer": (n_active >= 2).double().mean().item()
                 if alive.any() else math.nan,
-                "alive_latents": int(alive.sum()), "active_pairs": dy["active_pairs"]}
+                "alive_latents": int(alive.sum()), "active_pairs": dy["active_pairs"],
+                "l0": sum(len(a) for _, a in self.active) / max(self.vectors, 1),
+                **weak_firings(torch.cat([i for i, _ in self.active]),
+                               torch.cat([a for _, a in self.active]), self.n_latents)}
 
 
 def _spec_meta(spec: SynthSpec) -> str:
@@ -317,7 +326,8 @@ def synth_score(run: str | Path, cache: str | Path, tokens: int = 16_384, seed: 
 
 def format_score(res: dict) -> str:
     keys = ("aggregated_layer_var", "per_token_layer_var", "aggregated_over_per_token_ratio",
-            "persistence", "frac_pairs_contiguous", "frac_latents_multi_layer")
+            "persistence", "frac_pairs_contiguous", "mean_lifespan", "frac_latents_multi_layer",
+            "l0", "frac_weak_1pct", "frac_weak_5pct")
 
     def fmt(v):
         return "-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)

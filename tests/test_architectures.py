@@ -325,3 +325,18 @@ def test_release_topk_run_loads_and_topk_numbers_are_unchanged(tiny_lm, text_fil
     keep = ("step", "loss", "fvu", "l0", "auxk_loss", "dead_fraction")
     assert [{k: json.loads(r)[k] for k in keep} for r in old_rows] == \
         [{k: json.loads(r)[k] for k in keep} for r in new_rows]
+
+
+def test_weak_firings_match_a_loop():
+    from mlsae.analysis.layer_dist import weak_firings
+
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, 7, (50, 4), generator=g)
+    acts = torch.rand(50, 4, generator=g) ** 4 * (torch.rand(50, 4, generator=g) > 0.3)
+    got = weak_firings(idx, acts, 7)
+    pairs = [(int(i), float(a)) for i, a in zip(idx.flatten(), acts.flatten()) if a > 0]
+    mean = {f: sum(a for j, a in pairs if j == f) / max(1, sum(1 for j, _ in pairs if j == f))
+            for f in range(7)}
+    for frac, key in ((0.01, "frac_weak_1pct"), (0.05, "frac_weak_5pct")):
+        want = sum(a < frac * mean[f] for f, a in pairs) / len(pairs)
+        assert abs(got[key] - want) < 1e-12 and want > 0

@@ -212,3 +212,18 @@ def heatmap_latents(totals: Tensor, n_top: int = 32) -> tuple[Tensor, Tensor]:
     p = layer_probs(totals[:, ids])
     order = layer_moments(p)[0].argsort(stable=True)
     return ids[order], p[:, order]
+
+
+def weak_firings(idx: Tensor, acts: Tensor, n_latents: int,
+                 fractions: tuple[float, ...] = (0.01, 0.05)) -> dict[str, float]:
+    """Share of the active (acts > 0) activations below `fraction` x their latent's mean
+    active activation, from every active entry `idx, acts [...]` of a token set (the weak
+    firings a fixed per-vector budget forces at layers where a feature is absent)."""
+    on = acts > 0
+    i, a = idx[on].long(), acts[on].double()
+    if len(a) == 0:
+        return {f"frac_weak_{round(f * 100)}pct": math.nan for f in fractions}
+    mean = torch.zeros(n_latents, dtype=torch.float64).index_add_(0, i, a) / torch.bincount(
+        i, minlength=n_latents).clamp_min(1)
+    return {f"frac_weak_{round(f * 100)}pct": (a < f * mean[i]).double().mean().item()
+            for f in fractions}
