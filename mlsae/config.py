@@ -35,7 +35,7 @@ class SAEConfig:
     batch of N vectors; a vector may use 0 or many), `token-topk` (k x L per token over its L
     layer vectors together), `jumprelu` (a learned threshold per latent, L0 penalty) or
     `matryoshka` (BatchTopK whose nested dictionary prefixes each reconstruct). All but topk
-    infer with a threshold; see README, "Architectures"."""
+    infer with a threshold; see docs/guides/architectures.md."""
 
     threshold_lr: float = 0.01
     """batchtopk, token-topk, matryoshka: weight of each batch's smallest kept activation in
@@ -108,7 +108,7 @@ class DataConfig:
     """Also exclude tokens whose residual norm exceeds FACTOR x the layer's median norm
     (over the batch's included tokens) at any trained layer, as position 0 is; 0 turns it
     off. 20 sits in the measured gap between ordinary tokens (at most ~14x) and massive
-    activations (37-180x, holding up to 75% of a layer's FVU denominator); README."""
+    activations (37-180x, holding up to 75% of a layer's FVU denominator); docs/guides/data.md."""
 
     python_version: str | None = None
     """Python version whose text `pydoc`/`python`/`python-source` was (set by training)."""
@@ -142,7 +142,7 @@ class TrainConfig:
     lr: float | None = None
     """Adam learning rate; default 2.5e-3 / sqrt(n_latents / 16384): Gao et al.'s scaling
     in n_latents with a 12.5x higher base, which converges far faster on short runs (see
-    README, "Defaults")."""
+    docs/guides/training.md, "Defaults")."""
 
     lr_decay: float = 0.0
     """Fraction of the final steps over which the learning rate decays linearly to 0
