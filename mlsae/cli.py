@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "mlsae.evaluate",
     "mlsae.baselines",
     "mlsae.compare",
+    "mlsae.pareto",
     "mlsae.export",
     "mlsae.analysis.analyze",
     "mlsae.analysis.resid_sim",
@@ -28,6 +29,7 @@ COMMAND_MODULES = (
     "mlsae.analysis.report",
     "mlsae.synth",
     "mlsae.lens",
+    "mlsae.circuits.command",
     "mlsae.server",
 )
 

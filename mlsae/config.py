@@ -37,9 +37,11 @@ class SAEConfig:
     `matryoshka` (BatchTopK whose nested dictionary prefixes each reconstruct). All but topk
     infer with a threshold; see docs/guides/architectures.md."""
 
-    threshold_lr: float = 0.01
+    threshold_lr: float | None = None
     """batchtopk, token-topk, matryoshka: weight of each batch's smallest kept activation in
-    the running-average inference threshold (the first batch sets it)."""
+    the running-average inference threshold (the first batch sets it); default
+    max(0.01, 10 / steps): SAELens' 0.01, or a window of the last ~10% of a short run (the
+    encoder's scale drifts while it trains)."""
 
     l0_coef: float = 2e-3
     """jumprelu: weight of the mean L0 per vector in the loss (the sparsity knob: larger,
@@ -288,6 +290,10 @@ def arch_options(sae: SAEConfig) -> dict:
     if sae.arch not in ARCH_OPTIONS:
         raise UserError(f"--arch {sae.arch!r}: choose one of {', '.join(ARCH_OPTIONS)}")
     return {name: getattr(sae, name) for name in ARCH_OPTIONS[sae.arch]}
+
+
+def default_threshold_lr(total_steps: int) -> float:
+    return min(1.0, max(0.01, 10 / max(total_steps, 1)))
 
 
 def default_lr(n_latents: int) -> float:

@@ -119,9 +119,10 @@ def test_threshold_inference_keeps_exactly_entries_above_threshold(arch):
 
 
 def test_running_threshold_follows_its_formula(tiny_lm, text_file, tmp_path):
-    """theta starts at the first batch's smallest kept activation, then theta <- 0.99 theta +
-    0.01 min; the minimum is re-computed here from the training forward of each step."""
-    cfg = small_cfg(text_file, tmp_path / "run", "batchtopk", tokens=4 * 32 * 3)
+    """theta starts at the first batch's smallest kept activation, then theta <- (1 - lr)
+    theta + lr min, lr = max(0.01, 10 / steps) by default (12 steps: 0.833); the minimum is
+    re-computed here from the training forward of each step."""
+    cfg = small_cfg(text_file, tmp_path / "run", "batchtopk", tokens=4 * 32 * 12)
     seen = []
     orig = MLSAE.forward_train
 
@@ -136,9 +137,12 @@ def test_running_threshold_follows_its_formula(tiny_lm, text_file, tmp_path):
         res = train(cfg, lm=tiny_lm, progress=False)
     finally:
         MLSAE.forward_train = orig
+    lr = res["trainer"].sae.arch.opts["threshold_lr"]
+    assert lr == 10 / 12
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["threshold_lr"] == lr
     theta = seen[0]
-    for low in seen[1:3]:
-        theta = 0.99 * theta + 0.01 * low
+    for low in seen[1:12]:
+        theta = (1 - lr) * theta + lr * low
     got = res["trainer"].sae.threshold
     assert torch.allclose(got, torch.full_like(got, theta), rtol=1e-6)
 
@@ -340,3 +344,18 @@ def test_weak_firings_match_a_loop():
     for frac, key in ((0.01, "frac_weak_1pct"), (0.05, "frac_weak_5pct")):
         want = sum(a < frac * mean[f] for f, a in pairs) / len(pairs)
         assert abs(got[key] - want) < 1e-12 and want > 0
+
+
+def test_token_topk_level_is_the_batch_threshold_of_its_budget():
+    """token-topk's single-vector threshold statistic keeps as many entries over the batch as
+    the per-token budgets: the k x N-th largest pre-activation (dense brute force)."""
+    sae = random_sae("token-topk", k=3)
+    L, T = 4, 12
+    x = torch.randn(L * T, 16, generator=torch.Generator().manual_seed(5))
+    out = sae.forward_train(x, n_layers=L)
+    z = dense_pre(sae, x)
+    want = z.flatten().topk(3 * L * T).values[-1]
+    assert ((z > want).sum(1) <= 6).all()  # every row's share lies in its top-2k candidates
+    assert abs(float(out.level) - float(want)) < 1e-5
+    kept = out.code.acts[out.code.acts > 0]
+    assert float(kept.min()) <= float(out.level)  # the lowest token's threshold is below

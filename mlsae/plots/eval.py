@@ -91,3 +91,32 @@ def replacement_figure(curves: dict[str, dict], path: str | Path) -> Path:
     fig.suptitle("Multi-layer replacement (free-running)")
     fig.savefig(path, dpi=120)
     return Path(path)
+
+
+ARCH_COLORS = {"topk": "tab:blue", "batchtopk": "tab:orange", "token-topk": "tab:green",
+               "jumprelu": "tab:red", "matryoshka": "tab:purple"}
+
+
+def pareto_figure(curves: dict, path: str | Path, model: str = "", tokens: int = 0) -> Path:
+    """FVU and dCE against L0: `curves[arch][kind] = [[l0, fvu, dce], ...]`, one colour per
+    architecture, MLSAE solid, single-layer baselines dashed."""
+    fig = new_figure(10.0, 4.0)
+    axes = fig.subplots(1, 2)
+    for arch, kinds in curves.items():
+        for kind, pts in kinds.items():
+            l0 = [p[0] for p in pts]
+            style = "-" if kind == "mlsae" else "--"
+            label = f"{arch} ({'MLSAE' if kind == 'mlsae' else 'per-layer'})"
+            for ax, j in zip(axes, (1, 2)):
+                ax.plot(l0, [p[j] for p in pts], style, marker="o", ms=4,
+                        color=ARCH_COLORS.get(arch), label=label)
+    for ax, name in zip(axes, ("FVU", "dCE (nats)")):
+        ax.set_xscale("log")
+        ax.set_xlabel("L0 (active latents per vector)")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"matched-L0 comparison{' on ' + model if model else ''}"
+                 f"{f', {tokens:,} held-out tokens' if tokens else ''}", fontsize=10)
+    fig.savefig(path, dpi=110)
+    return Path(path)

@@ -108,7 +108,8 @@ class RunningThreshold(ThresholdInference):
     """A budget rule at training time whose inference threshold is the running average of
     the smallest kept activation per training batch (Bussmann et al. 2024; SAELens'
     `topk_threshold`): theta <- (1 - lr) theta + lr * min, the first batch's minimum as
-    the start (SAELens starts from 0, which a run of a few hundred steps never leaves)."""
+    the start (SAELens starts from 0, which a run of a few hundred steps never leaves). The
+    trainer resolves lr's default, max(0.01, 10 / steps)."""
 
     options = {"threshold_lr": 0.01}
 

@@ -221,7 +221,7 @@ class MLSAE(nn.Module):
                                         self.b_dec, xt, weight)[0]
                       for m in self.arch.prefixes(self)[:-1]]
         return TrainOutput(err, resid, code, aux_acts, aux_idx, prefix_err,
-                           self.arch.penalty(self, sel))
+                           self.arch.penalty(self, sel), sel.level)
 
     def spliced(self, model, layers: list[int] | None = None, *, error: bool = False,
                 latents: dict[int, float] | list[int] | None = None, **kw):

@@ -164,6 +164,7 @@ class Selection(NamedTuple):
     mask: Tensor | None = None
     aux_vals: Tensor | None = None
     aux_idx: Tensor | None = None
+    level: Tensor | None = None  # a rule's own inference-threshold statistic (token-topk)
 
 
 class _SparseEncode(torch.autograd.Function):
@@ -182,14 +183,14 @@ class _SparseEncode(torch.autograd.Function):
         sel = select(xc)
         ctx.save_for_backward(xc, sel.idx, sel.aux_idx, W_enc)
         ctx.mark_non_differentiable(sel.idx)
-        outs = [sel.vals, sel.idx, sel.mask, sel.aux_vals, sel.aux_idx]
-        for t in (sel.mask, sel.aux_idx):
+        outs = [sel.vals, sel.idx, sel.mask, sel.aux_vals, sel.aux_idx, sel.level]
+        for t in (sel.mask, sel.aux_idx, sel.level):
             if t is not None:
                 ctx.mark_non_differentiable(t)
         return tuple(outs)
 
     @staticmethod
-    def backward(ctx, g_vals, _g_idx, _g_mask, g_aux, _g_aux_idx):
+    def backward(ctx, g_vals, _g_idx, _g_mask, g_aux, _g_aux_idx, _g_level):
         xc, idx, aux_idx, W_enc = ctx.saved_tensors
         if aux_idx is not None and g_aux is not None:
             idx = torch.cat([idx, aux_idx], dim=1)
@@ -354,7 +355,11 @@ def group_topk(xc: Tensor, W_enc: Tensor, b_enc: Tensor, per_vector: int,
         top = view[g].topk(b, dim=1).indices
         keep[g] = torch.zeros_like(keep[g]).scatter_(1, top, True)
     mask = _from_group_view(keep, n_layers, c) & torch.isfinite(vals)
-    return Selection(*compact(vals, idx, mask), aux_vals, aux_idx)
+    level = None
+    if n_layers is not None:  # the one threshold that keeps as many entries over the batch
+        flat = vals.flatten()
+        level = flat.kthvalue(max(1, flat.numel() - per_vector * n_rows + 1)).values
+    return Selection(*compact(vals, idx, mask), aux_vals, aux_idx, level)
 
 
 def compact(vals: Tensor, idx: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -8,7 +8,8 @@ Uses config, data, activations, the LM adapter, the SAE and metrics; nothing abo
 
 from mlsae.config import RunConfig
 from mlsae.train.plan import RESUME_FREE, read_run_config
-from mlsae.train.run import train, train_apart
+from mlsae.train.run import train, train_apart, train_plan
 from mlsae.train.trainer import Trainer
 
-__all__ = ["RESUME_FREE", "RunConfig", "Trainer", "read_run_config", "train", "train_apart"]
+__all__ = ["RESUME_FREE", "RunConfig", "Trainer", "read_run_config", "train", "train_apart",
+           "train_plan"]

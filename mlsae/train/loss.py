@@ -114,6 +114,8 @@ def loss(sae: MLSAE, x: Tensor, dead: Tensor | None, dist: Dist | None = None, a
         acts, idx = out.code.acts, out.code.idx
         pos = acts[acts > 0]
         low = (pos.min() if len(pos) else acts.new_tensor(torch.inf)).reshape(1).float()
+        if out.level is not None:  # token-topk: the batch-level threshold of its budget
+            low = out.level.clamp_min(0).reshape(1).float()
         all_reduce_(low, dist, op=ReduceOp.MIN)
         fired = torch.bincount(idx.flatten(), weights=(acts > FIRED_THRESHOLD).flatten().float(),
                                minlength=sae.n_latents).gt(0).int()

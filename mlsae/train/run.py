@@ -72,6 +72,28 @@ def train_apart(plan: list[tuple[RunConfig, str | os.PathLike]], index: str | os
                            index=Path(index))
 
 
+def train_plan(plan: list[tuple[RunConfig, str | os.PathLike]], root: str | os.PathLike,
+               lm: LanguageModel | None = None, progress: bool = True, resume: bool = False
+               ) -> dict:
+    """Train several runs that read the same text (same data, model and token budget) but may
+    differ in anything else, layers and SAE alike (`mlsae pareto`: a sweep of architectures
+    plus their single-layer baselines), on one LM forward per batch. `root`: the folder of
+    the shared data_index.jsonl; `resume`: runs interrupted at the same step. Returns what
+    `train` returns."""
+    plan = [(c, Path(folder)) for c, folder in plan]
+    lead = plan[0][0]
+    for c, folder in plan:
+        if (c.data, c.train.model, c.train.tokens, c.train.batch_size, c.train.seed) != (
+                lead.data, lead.train.model, lead.train.tokens, lead.train.batch_size,
+                lead.train.seed):
+            raise UserError(f"{str(folder)!r}: runs trained together must read the same text")
+        if not resume and (folder / CHECKPOINT).exists():
+            raise UserError(f"{str(folder)!r} already holds a run")
+    with freed_memory_kept():
+        return _train_plan(Path(root), plan, resume, lm, None, progress, None,
+                           index=Path(root) / "data_index.jsonl")
+
+
 def _without_layers(cfg: RunConfig) -> dict:
     d = cfg.to_dict()
     d["train"] = {k: v for k, v in d["train"].items() if k not in ("layers", "out")}

@@ -69,9 +69,12 @@ class Trainer:
         self.matmul_dtype = resolve_dtype(t.sae_matmul_dtype, "--sae-matmul-dtype")
         self.rng = torch.Generator().manual_seed(t.seed)  # the run's only random stream
         meta = checkpoint_meta(cfg, layers, self.lr, self.auxk, self.dead_tokens)
+        opts = C.arch_options(cfg.sae)
+        if "threshold_lr" in opts and opts["threshold_lr"] is None:
+            opts["threshold_lr"] = C.default_threshold_lr(self.total_steps)
         self.sae = MLSAE(d_model, self.n_latents, cfg.sae.k, cfg.sae.standardize,
                          cfg.sae.eps, config=meta, architecture=cfg.sae.arch,
-                         arch_options=C.arch_options(cfg.sae))
+                         arch_options=opts)
         self.sae.reset_parameters(self.rng)
         self.sae.to(device)
         self.opt = torch.optim.Adam(self.sae.parameters(), lr=self.lr, eps=6.25e-10)
