@@ -1,0 +1,204 @@
+"""Causal checks of an attribution graph, computed on the REAL model (not the linearised one),
+plus the frozen-mlp exactness check on the linearised one. Uses mlsae.circuits.attribution,
+.influence and .linear, and runs (for the held-out text the means come from).
+
+Faithfulness and completeness (Marks et al. 2024, SPEC §9): with m the target metric,
+    F(C) = (m(C) - m(empty)) / (m(M) - m(empty)),
+m(C) the metric when the graph's latent nodes (the latents active on the prompt, each at its
+layer and position) outside circuit C are replaced by their MEAN activation at that layer
+(over a small slice of the run's held-out text, zeros included), and C's keep their values;
+m(M): nothing replaced (the clean model); m(empty): every latent node replaced. Completeness
+is the same number with C's latents replaced and the rest kept (near 0: C holds what
+matters). A layer's latents are re-encoded from what arrives there, so an ablation below
+changes the codes above; latents that are not nodes (inactive on the clean prompt) keep what
+the SAE encodes (ablating them to their means too would move even the full graph away from
+the clean model: a graph built from gradient x activation has no node for them). The SAE's
+error term is kept at its clean value at every layer (the graph treats error nodes as fixed
+sources), so m(M) is the clean metric and F(all latent nodes) = 1.
+
+Exactness (frozen-mlp mode): scaling one source node's value by s changes each of its direct
+targets' values by (s - 1) x the edge weight, exactly, in the frozen model's own forward
+(`linear.frozen_forward`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from mlsae.activations.capture import exclude_outliers
+from mlsae.circuits.attribution import EMBEDDING, ERROR, LATENT, MLP, Graph
+from mlsae.circuits.linear import Capture, clean_sources, frozen_forward
+from mlsae.data import include_mask
+from mlsae.lm import LanguageModel
+from mlsae.options import TextOptions
+from mlsae.runs import eval_batches
+from mlsae.sae import MLSAE
+
+CURVE_SIZES = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
+
+
+@torch.no_grad()
+def latent_means(sae: MLSAE, lm: LanguageModel, layers: list[int], tokens: int = 2048,
+                 batch_size: int = 4) -> tuple[Tensor, dict]:
+    """Mean activation `[layer, n_latents]` of every latent at each of `layers` over the
+    included positions of the first `tokens` tokens of the run's held-out split (zeros
+    counted), and a description of that text."""
+    cfg, batches, n_tok = eval_batches(sae, lm, TextOptions(tokens=tokens,
+                                                            batch_size=batch_size))
+    sums = torch.zeros(len(layers), sae.n_latents, dtype=torch.float64)
+    count = 0
+    for ids in batches:
+        resid = lm.resid_post(ids, layers)  # [layer, batch, T, d]
+        mask = include_mask(ids, lm.special_ids, cfg)
+        mask = exclude_outliers(resid.cpu(), mask, cfg).to(resid.device)
+        for i in range(len(layers)):
+            code = sae.encode(resid[i][mask])
+            sums[i].index_add_(0, code.idx.flatten().cpu(), code.acts.flatten().double().cpu())
+        count += int(mask.sum())
+    info = {"text": "the run's held-out split" if cfg.eval_dataset is None else
+            str(cfg.eval_dataset), "tokens": n_tok, "included_positions": count,
+            "ctx_len": cfg.ctx_len}
+    return (sums / max(count, 1)).float(), info
+
+
+def _ablate_masks(graph: Graph, cap: Capture, nodes: Tensor, n_latents: int
+                  ) -> dict[int, Tensor]:
+    """Per spliced layer `[T, n_latents]` bool: True at the latent nodes `nodes`."""
+    masks = {v: torch.zeros(cap.n_pos, n_latents, dtype=torch.bool) for v in cap.layers}
+    for v in cap.layers:
+        at = nodes[graph.layer[nodes] == v]
+        masks[v][graph.pos[at], graph.latent[at]] = True
+    return masks
+
+
+@torch.no_grad()
+def ablated_metric(sae: MLSAE, lm: LanguageModel, cap: Capture, means: Tensor,
+                   ablate: dict[int, Tensor] | None, direction: Tensor) -> float:
+    """The metric on the real model with, at every spliced layer, the latents in `ablate`
+    replaced by their means (None: nothing replaced) and the clean error term added."""
+    handles = []
+
+    def hook_for(i, v):
+        lc = cap.codes[v]
+
+        def hook(_m, _a, o):
+            h = o[0] if isinstance(o, tuple) else o
+            x = h[0].float()
+            code = sae.encode(x[lc.inc])
+            dense = code.dense(sae.n_latents)
+            if ablate is not None:
+                dense = torch.where(ablate[v][lc.inc.cpu()].to(dense.device),
+                                    means[i].to(dense.device), dense)
+            new = x.clone()
+            new[lc.inc] = sae.decode_dense(dense, code) + lc.err
+            out = new[None].to(h.dtype)
+            return (out,) + tuple(o[1:]) if isinstance(o, tuple) else out
+
+        return hook
+
+    for i, v in enumerate(cap.layers):
+        handles.append(lm.blocks[v].register_forward_hook(hook_for(i, v)))
+    try:
+        logits = lm.model(input_ids=cap.ids, use_cache=False).logits[0, -1].float()
+    finally:
+        for h in handles:
+            h.remove()
+    return float(logits @ direction.to(logits.device))
+
+
+def causal_checks(sae: MLSAE, lm: LanguageModel, cap: Capture, graph: Graph, means: Tensor,
+                  circuit: Tensor, influence: Tensor,
+                  sizes: tuple[int, ...] = CURVE_SIZES) -> dict:
+    """Faithfulness and completeness of `circuit` (latent node ids), and the faithfulness of
+    the top-n latents by `influence` for each n in `sizes` (the curve)."""
+    direction = graph.target.direction(cap.logits.shape[-1])
+    n_lat = sae.n_latents
+    latents = (graph.kind == LATENT).nonzero()[:, 0]
+    m_full = ablated_metric(sae, lm, cap, means, None, direction)
+    m_empty = ablated_metric(sae, lm, cap, means, _ablate_masks(graph, cap, latents, n_lat),
+                             direction)
+    denom = m_full - m_empty
+
+    def faith(chosen: Tensor, invert: bool = False) -> tuple[float, float]:
+        inside = torch.zeros(graph.n_nodes, dtype=torch.bool)
+        inside[chosen] = True
+        ablate = latents[inside[latents]] if invert else latents[~inside[latents]]
+        m = ablated_metric(sae, lm, cap, means, _ablate_masks(graph, cap, ablate, n_lat),
+                           direction)
+        return m, (m - m_empty) / denom if abs(denom) > 1e-12 else float("nan")
+
+    m_c, f_c = faith(circuit)
+    m_comp, f_comp = faith(circuit, invert=True)
+    order = latents[torch.argsort(influence[latents], descending=True)]
+    curve = []
+    for n in [s for s in sizes if s < len(order)] + [len(order)]:
+        m, f = faith(order[:n])
+        curve.append({"latents": n, "metric": m, "faithfulness": f})
+    return {"metric_full": m_full, "metric_empty": m_empty, "metric_circuit": m_c,
+            "faithfulness": f_c, "metric_without_circuit": m_comp, "completeness": f_comp,
+            "circuit_latents": len(circuit), "curve": curve}
+
+
+def _scale_node(src, cap: Capture, graph: Graph, node: int, s: float) -> None:
+    kind, v, p = int(graph.kind[node]), int(graph.layer[node]), int(graph.pos[node])
+    if kind == EMBEDDING:
+        src.emb[p] *= s
+    elif kind == MLP:
+        src.mlp[v][p] *= s
+    elif kind == ERROR:
+        lc = cap.codes[v]
+        if bool(lc.inc[p]):
+            src.err[v][int(lc.inc[:p].sum())] *= s
+        else:
+            src.exc[v][p] *= s
+    elif kind == LATENT:
+        rows, slots = _slots(graph, cap, torch.tensor([node]))
+        src.acts[v][int(rows[0]), int(slots[0])] *= s
+    else:
+        raise ValueError(f"node {node} is not a source")
+
+
+@torch.no_grad()
+def exactness(sae: MLSAE, lm: LanguageModel, cap: Capture, graph: Graph, nodes: Tensor,
+              scale: float = 2.0) -> dict:
+    """frozen-mlp: for each source node in `nodes`, scale its value by `scale` in the frozen
+    model's own forward and compare each direct target's change with (scale - 1) x the edge
+    weight. Returns the worst absolute error and the largest predicted change."""
+    base = frozen_forward(sae, lm, cap, clean_sources(cap, graph.mode), graph.mode)
+    direction = graph.target.direction(cap.logits.shape[-1]).to(cap.logits.device)
+    worst, biggest, checked = 0.0, 0.0, 0
+    for node in nodes.tolist():
+        src = clean_sources(cap, graph.mode)
+        _scale_node(src, cap, graph, node, scale)
+        out = frozen_forward(sae, lm, cap, src, graph.mode)
+        for blk in graph.blocks:
+            col = (blk.src == node).nonzero()
+            if not len(col):
+                continue
+            want = (scale - 1.0) * blk.W[:, int(col[0, 0])]
+            got = _values(graph, cap, blk.tgt, out, direction) - _values(graph, cap, blk.tgt,
+                                                                         base, direction)
+            worst = max(worst, float((got - want).abs().max()))
+            biggest = max(biggest, float(want.abs().max()))
+            checked += len(want)
+    return {"scale": scale, "sources": len(nodes), "edges_checked": checked,
+            "max_abs_error": worst, "max_abs_predicted": biggest,
+            "max_rel_error": worst / max(biggest, 1e-12)}
+
+
+def _slots(graph: Graph, cap: Capture, nodes: Tensor) -> tuple[Tensor, Tensor]:
+    """(row, slot) in their layer's code of latent `nodes` (all at one layer)."""
+    lc = cap.codes[int(graph.layer[nodes[0]])]
+    rows = (lc.inc.long().cumsum(0) - 1).cpu()[graph.pos[nodes]]
+    hit = (lc.code.idx.cpu()[rows] == graph.latent[nodes][:, None]) & (lc.code.acts.cpu()[rows] > 0)
+    return rows, hit.float().argmax(-1)
+
+
+def _values(graph: Graph, cap: Capture, nodes: Tensor, out, direction: Tensor) -> Tensor:
+    """The frozen forward's values of target `nodes` (the latents of one layer, or the
+    target metric)."""
+    if int(graph.kind[nodes[0]]) == LATENT:
+        rows, slots = _slots(graph, cap, nodes)
+        return out.pre[int(graph.layer[nodes[0]])].cpu()[rows, slots]
+    return (out.logits[-1] @ direction).reshape(1).cpu()
