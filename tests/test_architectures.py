@@ -355,7 +355,7 @@ def test_token_topk_level_is_the_batch_threshold_of_its_budget():
     out = sae.forward_train(x, n_layers=L)
     z = dense_pre(sae, x)
     want = z.flatten().topk(3 * L * T).values[-1]
-    assert ((z > want).sum(1) <= 6).all()  # every row's share lies in its top-2k candidates
+    assert ((z > want).sum(1) > 6).any()  # some rows' share exceeds their top-2k candidates
     assert abs(float(out.level) - float(want)) < 1e-5
     kept = out.code.acts[out.code.acts > 0]
     assert float(kept.min()) <= float(out.level)  # the lowest token's threshold is below

@@ -332,22 +332,9 @@ def group_topk(xc: Tensor, W_enc: Tensor, b_enc: Tensor, per_vector: int,
     c = min(n, 2 * per_vector)
     vals, idx, aux_vals, aux_idx = encoder_topk(xc, W_enc, b_enc, c, matmul_dtype, dead, auxk)
     members = n_rows if n_layers is None else n_layers
-    budget = per_vector * members
-    while True:
-        view = _group_view(vals, n_layers)  # [groups, members * c]
-        b = min(budget, view.shape[1])
-        tau = view.kthvalue(view.shape[1] - b + 1, dim=1).values  # [groups]
-        tau_rows = tau.expand(n_rows) if n_layers is None else tau.repeat(n_layers)
-        sat = (vals.min(dim=1).values > tau_rows.clamp_min(0)) if c < n else None
-        if sat is None or not bool(sat.any()):
-            break
-        c_new = min(n, 2 * c)
-        rows = sat.nonzero().squeeze(1)
-        v2, i2, _, _ = encoder_topk(xc[rows], W_enc, b_enc, c_new, matmul_dtype)
-        vals = torch.nn.functional.pad(vals, (0, c_new - c), value=-torch.inf)
-        idx = torch.nn.functional.pad(idx, (0, c_new - c))
-        vals[rows], idx[rows] = v2, i2
-        c = c_new
+    vals, idx, view, tau, b = _refine(xc, W_enc, b_enc, vals, idx, per_vector * members,
+                                      n_layers, matmul_dtype)
+    c = vals.shape[1]
     keep = view >= tau[:, None]
     over = keep.sum(1) > b  # ties at tau: keep exactly the budget
     if bool(over.any()):
@@ -357,9 +344,39 @@ def group_topk(xc: Tensor, W_enc: Tensor, b_enc: Tensor, per_vector: int,
     mask = _from_group_view(keep, n_layers, c) & torch.isfinite(vals)
     level = None
     if n_layers is not None:  # the one threshold that keeps as many entries over the batch
-        flat = vals.flatten()
-        level = flat.kthvalue(max(1, flat.numel() - per_vector * n_rows + 1)).values
+        level = _refine(xc, W_enc, b_enc, vals, idx, per_vector * n_rows, None,
+                        matmul_dtype)[3][0]
     return Selection(*compact(vals, idx, mask), aux_vals, aux_idx, level)
+
+
+def _refine(xc: Tensor, W_enc: Tensor, b_enc: Tensor, vals: Tensor, idx: Tensor,
+            budget: int, n_layers: int | None, matmul_dtype: torch.dtype | None):
+    """Grow per-row candidates `vals, idx [N, c]` until each group's budget-th largest
+    candidate `tau` is exact (no row's c-th candidate above it) -> vals, idx, the group view,
+    tau [groups] and the budget actually available."""
+    n_rows, n = xc.shape[0], W_enc.shape[1]
+    finite = torch.isfinite(vals)
+    # each row's smallest real candidate (padding is -inf) and whether it holds all n
+    floor = torch.where(finite, vals, torch.inf).min(dim=1).values
+    full = finite.sum(1) >= n
+    while True:
+        c = vals.shape[1]
+        view = _group_view(vals, n_layers)  # [groups, members * c]
+        b = min(budget, view.shape[1])
+        tau = view.kthvalue(view.shape[1] - b + 1, dim=1).values  # [groups]
+        tau_rows = tau.expand(n_rows) if n_layers is None else tau.repeat(n_layers)
+        sat = (floor > tau_rows.clamp_min(0)) & ~full
+        if not bool(sat.any()):
+            return vals, idx, view, tau, b
+        rows = sat.nonzero().squeeze(1)
+        c_new = min(n, 2 * int(torch.isfinite(vals[rows]).sum(1).max()))
+        v2, i2, _, _ = encoder_topk(xc[rows], W_enc, b_enc, c_new, matmul_dtype)
+        if c_new > c:
+            vals = torch.nn.functional.pad(vals, (0, c_new - c), value=-torch.inf)
+            idx = torch.nn.functional.pad(idx, (0, c_new - c))
+        vals[rows] = torch.nn.functional.pad(v2, (0, vals.shape[1] - c_new), value=-torch.inf)
+        idx[rows] = torch.nn.functional.pad(i2, (0, vals.shape[1] - c_new))
+        floor[rows], full[rows] = v2.min(dim=1).values, c_new >= n
 
 
 def compact(vals: Tensor, idx: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:

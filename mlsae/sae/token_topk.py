@@ -6,9 +6,10 @@ Two inference forms: `MLSAE.encode_layers(x [layer, token, d])` applies the same
 rule (all layers of a token encoded together, as in training); a single vector alone
 (`encode`, splicing one layer) uses one threshold theta, a running average over training
 batches (as BatchTopK's) of the level that keeps as many entries over the whole batch as the
-per-token budgets kept: the k x N-th largest of the candidates (each vector's top 2k at
-least). The smallest kept activation, BatchTopK's statistic, would be the LOWEST token's
-threshold and keep ~4x too many latents per vector (measured on the tiny test model).
+per-token budgets kept: the k x N-th largest z+ of the batch (exact, by the same candidate
+re-scan as the budgets). The smallest kept activation, BatchTopK's statistic, would be the
+LOWEST token's threshold and keep ~4x too many latents per vector (measured on the tiny test
+model).
 """
 
 from __future__ import annotations
