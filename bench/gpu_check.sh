@@ -2,6 +2,9 @@
 # Verify mlsae's CUDA path end to end on ONE NVIDIA GPU, in under ~8 minutes:
 #   1. the device-parametrized tests on cuda (SAE math, AuxK, gradients, loss, short training)
 #   2. a short `mlsae train` + `eval` + `analyze` on a tiny model and on SmolLM2-135M, --device cuda
+#   2b. several checkpoints in one `mlsae eval` (a tiny sweep + a baselines folder) against
+#      each alone, float32 (prints the largest difference; cuBLAS may pick other kernels for
+#      other batch sizes, so a difference up to 1e-4 relative passes) and --dtype auto (bf16)
 #   3. a 1-process torchrun run with the nccl backend
 #   4. W1 throughput, mlsae vs EleutherAI sparsify (Triton kernels on), as a ratio
 # Prints one summary table and exits non-zero on any failure.
@@ -62,7 +65,41 @@ smollm2_cli() {
   "$MLSAE" train --tokens 40000 --device cuda --eval-tokens 4096 --out "$OUT/smol-run" \
       || return 1
   "$MLSAE" eval "$OUT/smol-run" --tokens 2048 --device cuda || return 1
+  "$MLSAE" eval "$OUT/smol-run" --tokens 2048 --device cuda --dtype auto --no-cache \
+      --out "$OUT/smol-auto.json" || return 1
   "$MLSAE" analyze "$OUT/smol-run" --tokens 8192 --device cuda
+}
+
+eval_many_cuda() {  # several checkpoints in one pass vs each alone, on cuda
+  tiny_model || return 1
+  "$MLSAE" train --model "$OUT/tiny" --dataset pydoc --ctx-len 64 --tokens 8192 \
+      --sweep "k=4,8" --device cuda --eval-tokens 0 --out "$OUT/tiny-sweep" || return 1
+  "$MLSAE" baselines "$OUT/tiny-sweep/k4" --layers 0,2 --device cuda || return 1
+  local flags=(--tokens 2048 --device cuda --no-cache)
+  "$MLSAE" eval "$OUT/tiny-sweep" "$OUT/tiny-sweep/k4/baselines" --out-dir "$OUT/together" \
+      "${flags[@]}" || return 1
+  for c in k4 k8; do
+    "$MLSAE" eval "$OUT/tiny-sweep/$c" --out "$OUT/alone-$c.json" "${flags[@]}" || return 1
+  done
+  "$MLSAE" eval "$OUT/tiny-sweep/k4/baselines/layer_2" --out "$OUT/alone-layer_2.json" \
+      "${flags[@]}" || return 1
+  "$MLSAE" eval "$OUT/tiny-sweep/k8" --out "$OUT/auto-k8.json" --dtype auto \
+      "${flags[@]}" || return 1
+  "$PY" - <<EOF
+import json
+worst = 0.0
+for name in ("k4", "k8", "layer_2"):
+    a = json.load(open("$OUT/together/" + name + ".json"))["per_layer"]
+    b = json.load(open("$OUT/alone-" + name + ".json"))["per_layer"]
+    for key in ("fvu", "ce_clean", "ce_recon", "ce_zero", "kl"):
+        for x, y in zip(a[key], b[key]):
+            worst = max(worst, abs(x - y) / max(abs(y), 1e-12))
+auto = json.load(open("$OUT/auto-k8.json"))
+print(f"together vs alone on cuda, float32: largest relative difference {worst:.3g}; "
+      f"--dtype auto ran the LM in {auto['lm_dtype']}")
+assert worst <= 1e-4, worst
+assert auto["lm_dtype"] in ("bfloat16", "float32")
+EOF
 }
 
 torchrun_nccl() {
@@ -79,6 +116,7 @@ if [ "${RESULTS[0]}" = PASS ]; then
       tests/test_device_paths.py tests/test_sae.py tests/test_loss.py tests/test_devices.py
   step tiny_train_eval_analyze tiny_cli
   step smollm2_train_eval_analyze smollm2_cli
+  step eval_many_cuda eval_many_cuda
   step torchrun_nccl torchrun_nccl
   step w1_vs_sparsify "$PY" bench/gpu_w1.py --device cuda --steps 20
 fi

@@ -10,8 +10,11 @@ Reads `eval.json` of the MLSAE and of every single-layer checkpoint directly und
 baselines folder (e.g. `layer_<l>/` from `mlsae baselines`). A checkpoint without eval.json
 is evaluated first (writing its eval.json), with the text options and ablation recorded in the
 MLSAE's eval.json, so that every number comes from the same text; when the MLSAE has no
-eval.json either, with the given options. The LM loads once, only if something is evaluated.
-Results computed on different text or ablations are still compared, with a printed note.
+eval.json either, with the given options (default 2,048 tokens). The checkpoints lacking
+eval.json are evaluated together, in one pass per batch (`mlsae.evaluate.evaluate_many`: the
+clean forward and the ablations are shared; each result equals its evaluation alone). The LM
+loads once, only if something is evaluated. Results computed on different text or ablations
+are still compared, with a printed note.
 
 Writes in `out_dir` (default: the MLSAE folder):
   compare.csv  layer,mlsae_fvu,baseline_fvu,mlsae_dce,baseline_dce,mlsae_l0,baseline_l0
@@ -49,10 +52,12 @@ import torch
 from mlsae.errors import UserError
 from mlsae.evaluate import (
     CURVE_POINTS,
+    EVAL_TOKENS,
     Recon,
+    add_cache_option,
     curve_counts,
-    evaluate,
     evaluate_batches,
+    evaluate_many,
     format_layers,
     sae_recon,
     select_layers,
@@ -125,25 +130,41 @@ def imported_baselines(folders: dict[int, Path], mlsae, work: Path) -> dict[int,
 
 
 class _Evaluations:
-    """eval.json of a checkpoint folder, computed (and written) when missing."""
+    """eval.json of checkpoint folders; those without one are evaluated together, in one
+    pass per batch (`evaluate_many`), and written."""
 
     def __init__(self, opts: TextOptions, ablation: str, lm: LanguageModel | None,
-                 progress: bool):
+                 progress: bool, cache: bool = True):
         self.opts, self.ablation, self.lm, self.progress = opts, ablation, lm, progress
+        self.cache = cache
+
+    @staticmethod
+    def _read(folder: Path) -> dict | None:
+        path = folder / "eval.json"
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise UserError(f"{str(path)!r} is not valid JSON ({e}): delete it to "
+                            "re-evaluate") from None
 
     def get(self, folder: Path) -> dict:
-        path = folder / "eval.json"
-        if path.is_file():
-            try:
-                return json.loads(path.read_text())
-            except json.JSONDecodeError as e:
-                raise UserError(f"{str(path)!r} is not valid JSON ({e}): delete it to "
-                                "re-evaluate") from None
-        print(f"evaluating {folder} (no eval.json)", file=sys.stderr)
-        if self.lm is None:
-            self.lm = load_run_lm(load_sae(folder, lens_ok=True), self.opts)
-        return evaluate(folder, self.opts, ablation=self.ablation, lm=self.lm,
-                        progress=self.progress)
+        return self.get_all([folder])[0]
+
+    def get_all(self, folders: list[Path]) -> list[dict]:
+        found = {f: self._read(f) for f in folders}
+        missing = [f for f in folders if found[f] is None]
+        if missing:
+            print(f"evaluating {len(missing)} checkpoint{'s' if len(missing) > 1 else ''} "
+                  f"without eval.json together: {', '.join(str(f) for f in missing)}",
+                  file=sys.stderr)
+            if self.lm is None:
+                self.lm = load_run_lm(load_sae(missing[0], lens_ok=True), self.opts)
+            done = evaluate_many(missing, self.opts, ablation=self.ablation, lm=self.lm,
+                                 progress=self.progress, cache=self.cache)
+            found.update(zip(missing, done))
+        return [found[f] for f in folders]
 
     def follow(self, recorded: dict) -> None:
         """Evaluate from now on with the options recorded in an eval.json."""
@@ -258,7 +279,7 @@ def _write_replacement(rep: dict, out: Path) -> dict:
 def compare(mlsae_dir: str | Path, baselines_dir: str | Path, out_dir: str | Path | None = None,
             opts: TextOptions | None = None, lm: LanguageModel | None = None,
             progress: bool = True, replace: str | None = None,
-            curve_points: int = CURVE_POINTS) -> dict:
+            curve_points: int = CURVE_POINTS, cache: bool = True) -> dict:
     """Compare an MLSAE with its single-layer baselines; writes compare.csv and compare.png,
     and the replacement comparison when asked (module docstring).
 
@@ -272,10 +293,15 @@ def compare(mlsae_dir: str | Path, baselines_dir: str | Path, out_dir: str | Pat
     folders = baseline_folders(root)
     out = Path(out_dir) if out_dir is not None else mlsae_dir
     folders = imported_baselines(folders, sae, out / "imported_baselines")
-    evals = _Evaluations(opts or TextOptions(), "zero", lm, progress)
-    mlsae = evals.get(mlsae_dir)
-    evals.follow(mlsae)
-    base = {layer: evals.get(folder) for layer, folder in folders.items()}
+    evals = _Evaluations(opts or TextOptions(tokens=EVAL_TOKENS), "zero", lm, progress, cache)
+    if evals._read(mlsae_dir) is None:  # everything on the given text, in one pass
+        mlsae, *others = evals.get_all([mlsae_dir, *folders.values()])
+        evals.follow(mlsae)
+    else:  # the MLSAE's recorded text and ablation rule; the missing baselines in one pass
+        mlsae = evals.get(mlsae_dir)
+        evals.follow(mlsae)
+        others = evals.get_all(list(folders.values()))
+    base = dict(zip(folders, others))
     rows = comparison_rows(mlsae, base)
     out.mkdir(parents=True, exist_ok=True)
     with (out / "compare.csv").open("w", newline="") as f:
@@ -325,7 +351,7 @@ def format_replacement_comparison(rep: dict) -> str:
 
 def _cmd_compare(args: argparse.Namespace) -> int:
     res = compare(args.mlsae, args.baselines, out_dir=args.out_dir, opts=text_options(args),
-                  replace=args.replace, curve_points=args.curve_points)
+                  replace=args.replace, curve_points=args.curve_points, cache=args.cache)
     print("MLSAE vs single-layer SAEs (_1L)")
     print(format_comparison(res["rows"]))
     if "replacement" in res:
@@ -356,5 +382,6 @@ def add_commands(sub) -> None:
     p.add_argument("--curve-points", type=int, default=CURVE_POINTS,
                    help="points of the replacement curve (see mlsae eval; default: "
                    f"{CURVE_POINTS})")
-    add_text_options(p)
+    add_cache_option(p)
+    add_text_options(p, tokens=EVAL_TOKENS)
     p.set_defaults(func=_cmd_compare)

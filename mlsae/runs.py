@@ -11,6 +11,9 @@ trained-on text. Uses data, lm, sae and options; nothing above them.
 
 from __future__ import annotations
 
+import json
+import re
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -21,8 +24,9 @@ from mlsae.config import DataConfig, from_dict
 from mlsae.data import TokenSource, batches
 from mlsae.data.split import adds_bos
 from mlsae.errors import UserError
-from mlsae.lm import LanguageModel, check_ctx_len, load_lm, load_tokenizer
+from mlsae.lm import LanguageModel, check_ctx_len, load_lm, load_tokenizer, resolve_device
 from mlsae.options import TextOptions
+from mlsae.runtime import resolve_lm_dtype
 from mlsae.sae import MLSAE
 
 
@@ -74,10 +78,42 @@ def load_run_lm(sae: MLSAE, opts: TextOptions) -> LanguageModel:
         raise UserError("the checkpoint names no model: pass --model")
     train = sae.config.get("run", {}).get("train", {})
     own = opts.model is None or opts.model == sae.config.get("model")
-    lm = load_lm(name, opts.device, opts.dtype, train.get("revision") if own else None,
+    dtype = resolve_lm_dtype(opts.dtype, resolve_device(opts.device))  # `auto`, as training
+    lm = load_lm(name, opts.device, dtype, train.get("revision") if own else None,
                  train.get("blocks") if own else None)
     check_lm_matches(sae, lm)
     return lm
+
+
+def _natural(path: Path) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path.name)]
+
+
+def expand_checkpoints(paths: Sequence[str | Path]) -> list[str]:
+    """Checkpoints named on a command line: a sweep folder (`sweep.json`) stands for its runs,
+    a folder that is no checkpoint itself but holds checkpoints (such as `<run>/baselines`,
+    in any format `mlsae.formats` reads) for those, in natural order (layer_2 before
+    layer_10); anything else (a checkpoint, a hub id) for itself. Each once, in order."""
+    from mlsae.formats import detect
+
+    out: list[str] = []
+    for p in paths:
+        folder = Path(p).expanduser()
+        found = [str(p)]
+        if (folder / "sweep.json").is_file():
+            try:
+                runs = json.loads((folder / "sweep.json").read_text())["runs"]
+            except (ValueError, KeyError, TypeError):
+                raise UserError(f"{str(folder / 'sweep.json')!r}: not a sweep record") from None
+            found = [str(folder / name) for name in runs]
+        elif folder.is_dir() and not detect(folder):
+            found = [str(c) for c in sorted((c for c in folder.iterdir()
+                                             if c.is_dir() and detect(c)), key=_natural)]
+            if not found:
+                raise UserError(f"{str(p)!r} is neither a checkpoint nor a folder of "
+                                "checkpoints")
+        out += [c for c in found if c not in out]
+    return out
 
 
 def check_lm_matches(sae: MLSAE, lm: LanguageModel) -> None:

@@ -15,6 +15,8 @@ os.environ["MLSAE_CPU_BF16"] = "0"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# `mlsae eval`'s SAE-independent cache: a folder of this test session, never ~/.cache
+os.environ["MLSAE_EVAL_CACHE"] = __import__("tempfile").mkdtemp(prefix="mlsae-eval-cache-")
 
 VOCAB = 256 + 3  # bytes + <bos> <eos> <pad>
 
