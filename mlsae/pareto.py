@@ -2,15 +2,20 @@
 L0, so compare curves, not points). Uses config, train, evaluate and plots.
 
 One command trains, from ONE LM forward per batch, every (architecture, sparsity knob) of a
-grid (the knob is k for topk / batchtopk / token-topk / matryoshka and `l0_coef` for
-jumprelu) as an MLSAE on the chosen layers, plus, with --baseline-layers, a single-layer SAE
+grid as an MLSAE on the chosen layers. The knob is k: the budget of topk / batchtopk /
+token-topk / matryoshka, and JumpReLU's initial L0 (theta starts at the first batch's
+BatchTopK threshold for k); JumpReLU also takes --l0-coefs (its penalty weight; measured on
+the synthetic benchmark, a 10x larger weight moved L0 only from 5.1 to 4.9 in a 147-step run,
+since Adam moves theta by about the learning rate per step: on short runs its L0 stays near
+where k starts it). Then, plus, with --baseline-layers, a single-layer SAE
 of every grid point on each of those layers (same width, knob and token budget). Then it
 evaluates every checkpoint on the same held-out text in one pass per batch
 (`evaluate_many`) and writes into --out:
 
-  <arch>-k<k>/, jumprelu-l0_coef<c>/       the MLSAE runs (ordinary run folders, eval.json)
+  <arch>-k<k>/ (jumprelu-k<k>-l0_coef<c>/ with several --l0-coefs)
+                                           the MLSAE runs (ordinary run folders, eval.json)
   baselines/<point>/layer_<l>/             the single-layer baselines (same)
-  pareto.csv   one row per (run, layer): point, arch, knob, value, kind (mlsae|baseline),
+  pareto.csv   one row per (run, layer): point, arch, k, l0_coef, kind (mlsae|baseline),
                layer, l0, fvu, dce, kl, ce_recovered, n_latents, params (the run's total
                parameters; a point's baselines together hold len(layers) x as many)
   pareto.png   FVU and dCE against L0 (means over layers), one curve per architecture:
@@ -52,11 +57,11 @@ class ParetoConfig:
     """Architectures to compare (comma-separated)."""
 
     ks: str = "16,32,64"
-    """Sparsity knob of topk, batchtopk, token-topk and matryoshka: k (mean active latents
-    per vector for the batch rules)."""
+    """The sparsity knob k: active latents per vector (topk), on average (batchtopk,
+    token-topk, matryoshka), JumpReLU's initial L0."""
 
-    l0_coefs: str = "0.001,0.003,0.01"
-    """Sparsity knob of jumprelu: the L0 penalty's weight."""
+    l0_coefs: str | None = None
+    """jumprelu's L0 penalty weights (comma-separated; default: --l0-coef's one value)."""
 
     baseline_layers: str | None = None
     """Also train a single-layer SAE of every grid point on each of these layers
@@ -76,7 +81,7 @@ def _floats(spec: str, flag: str) -> list[float]:
         raise UserError(f"--{flag} {spec!r}: use comma-separated numbers") from None
 
 
-def grid(pc: ParetoConfig) -> list[tuple[str, str, dict]]:
+def grid(pc: ParetoConfig, l0_coef: float = 2e-3) -> list[tuple[str, str, dict]]:
     """[(point name, arch, SAEConfig overrides)] of the grid."""
     archs = [a.strip() for a in pc.archs.split(",") if a.strip()]
     bad = [a for a in archs if a not in C.ARCH_OPTIONS]
@@ -84,12 +89,14 @@ def grid(pc: ParetoConfig) -> list[tuple[str, str, dict]]:
         raise UserError(f"--archs {pc.archs!r}: choose from {', '.join(C.ARCH_OPTIONS)}")
     points = []
     for arch in archs:
-        if arch == "jumprelu":
-            for c in _floats(pc.l0_coefs, "l0-coefs"):
-                points.append((f"jumprelu-l0_coef{c:g}", arch, {"arch": arch, "l0_coef": c}))
-        else:
-            for k in _floats(pc.ks, "ks"):
+        for k in _floats(pc.ks, "ks"):
+            if arch != "jumprelu":
                 points.append((f"{arch}-k{int(k)}", arch, {"arch": arch, "k": int(k)}))
+                continue
+            coefs = _floats(pc.l0_coefs, "l0-coefs") if pc.l0_coefs else [l0_coef]
+            for c in coefs:
+                name = f"jumprelu-k{int(k)}" + (f"-l0_coef{c:g}" if len(coefs) > 1 else "")
+                points.append((name, arch, {"arch": arch, "k": int(k), "l0_coef": c}))
     return points
 
 
@@ -111,7 +118,7 @@ def plan_pareto(base: RunConfig, pc: ParetoConfig, n_layers: int
     jobs = []
     base_layers = (C.resolve_layers(pc.baseline_layers, n_layers)
                    if pc.baseline_layers else [])
-    for point, arch, overrides in grid(pc):
+    for point, arch, overrides in grid(pc, base.sae.l0_coef):
         jobs.append((point, arch, "mlsae", _config(base, overrides, out / point),
                      out / point))
         for layer in base_layers:
@@ -147,10 +154,10 @@ def n_params(n_latents: int, d_model: int) -> int:
     return 2 * n_latents * d_model + n_latents + d_model
 
 
-def rows_of(point: str, arch: str, kind: str, knob: str, value: float, res: dict,
+def rows_of(point: str, arch: str, kind: str, k: int, l0_coef: float | None, res: dict,
             n_latents: int, d_model: int) -> list[dict]:
     pl = res["per_layer"]
-    return [{"point": point, "arch": arch, "knob": knob, "value": value, "kind": kind,
+    return [{"point": point, "arch": arch, "k": k, "l0_coef": l0_coef, "kind": kind,
              "layer": layer, "l0": pl["l0"][i], "fvu": pl["fvu"][i], "dce": pl["dce"][i],
              "kl": pl["kl"][i], "ce_recovered": pl["ce_recovered"][i],
              "n_latents": n_latents, "params": n_params(n_latents, d_model)}
@@ -201,9 +208,8 @@ def pareto(base: RunConfig, pc: ParetoConfig, progress: bool = True, lm=None) ->
                             progress=progress, cache=False)
     rows = []
     for (point, arch, kind, cfg, _), res in zip(jobs, results):
-        knob = "l0_coef" if arch == "jumprelu" else "k"
-        value = cfg.sae.l0_coef if arch == "jumprelu" else cfg.sae.k
-        rows += rows_of(point, arch, kind, knob, value, res,
+        rows += rows_of(point, arch, kind, cfg.sae.k,
+                        cfg.sae.l0_coef if arch == "jumprelu" else None, res,
                         cfg.sae.expansion_factor * lm.d_model, lm.d_model)
     csv_path = root / "pareto.csv"
     with csv_path.open("w", newline="") as f:
@@ -233,7 +239,7 @@ def format_curves(cv: dict) -> str:
 def _cmd_pareto(args: argparse.Namespace) -> int:
     given = {k: v for k, v in vars(args).items() if k not in ("command", "func")}
     pc = build_config(ParetoConfig, given)
-    for name in ("k", "l0_coef", "arch", "out"):
+    for name in ("k", "arch", "out"):
         given.pop(name, None)  # the grid sets these
     base = C.RunConfig(build_config(C.SAEConfig, given), build_config(C.DataConfig, given),
                        build_config(C.TrainConfig, given))
@@ -251,7 +257,7 @@ def add_commands(sub) -> None:
                        "batch, evaluate all on the same held-out text, and write pareto.csv "
                        "and pareto.png (FVU and dCE against L0).")
     add_dataclass_options(p, ParetoConfig)
-    add_dataclass_options(p, C.SAEConfig, skip=("k", "arch", "l0_coef"))
+    add_dataclass_options(p, C.SAEConfig, skip=("k", "arch"))
     add_dataclass_options(p, C.DataConfig)
     add_dataclass_options(p, C.TrainConfig, skip=("out", "activations", "cache_shuffle",
                                                   "lens", "eval_tokens"))
