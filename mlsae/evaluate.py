@@ -57,10 +57,11 @@ head work, so N checkpoints cost about (N + 1) / 2N of N separate evaluations, p
 separate processes spend loading.
 
 The SAE-independent cache (`EvalCache`, on by default; `--no-cache`): the ablation sums of
-each batch are kept under `$MLSAE_CACHE_DIR/eval` (default ~/.cache/mlsae/eval), keyed by the
-model as computed (name, dtype, device, the logits of a probe), the token ids and the counted
-positions, so a later evaluation of the same text skips its ablation continuations (about
-half the work of one checkpoint). Any change of model, text or settings is another key.
+each batch are kept under `$MLSAE_EVAL_CACHE`, else `$MLSAE_CACHE_DIR/eval` (default
+~/.cache/mlsae/eval), keyed by the model as computed (name, dtype, device, the logits of a
+probe), the token ids and the counted positions, so a later evaluation of the same text skips
+its ablation continuations (about half the work of one checkpoint). Any change of model, text
+or settings is another key.
 
 Dtype. `--dtype float32` (the default) is the exact path. `--dtype auto` runs the LM in
 bfloat16 where the device computes it natively (as training does: `mlsae.runtime.auto_dtype`),

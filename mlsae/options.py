@@ -113,7 +113,9 @@ def add_text_options(parser: argparse.ArgumentParser, tokens: int = 100_000) -> 
                    "(default: 8)")
     g.add_argument("--model", help="language model (default: the run's)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, mps (default: auto)")
-    g.add_argument("--dtype", default="float32", help="LM dtype (default: float32)")
+    g.add_argument("--dtype", default="float32", help="LM dtype: float32, bfloat16, float16, "
+                   "or auto (bfloat16 where the device computes it natively, as in training) "
+                   "(default: float32)")
 
 
 def text_options(args: argparse.Namespace) -> TextOptions:

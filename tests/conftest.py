@@ -3,7 +3,10 @@ byte-level tokenizer, so unit tests never touch a hub."""
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,7 +19,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # `mlsae eval`'s SAE-independent cache: a folder of this test session, never ~/.cache
-os.environ["MLSAE_EVAL_CACHE"] = __import__("tempfile").mkdtemp(prefix="mlsae-eval-cache-")
+os.environ["MLSAE_EVAL_CACHE"] = tempfile.mkdtemp(prefix="mlsae-eval-cache-")
+atexit.register(shutil.rmtree, os.environ["MLSAE_EVAL_CACHE"], True)
 
 VOCAB = 256 + 3  # bytes + <bos> <eos> <pad>
 
