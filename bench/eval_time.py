@@ -61,7 +61,9 @@ def main() -> None:
     opts = TextOptions(tokens=args.tokens, batch_size=args.batch_size, device="cpu")
     lm = load_run_lm(load_sae(args.run), opts)
     with tempfile.TemporaryDirectory() as tmp:
-        variants = {"after": (now, {"replace": args.replace} if args.replace else {})}
+        # cache=False: a repeat must not reuse the ablation sums of the one before
+        after = dict({"replace": args.replace} if args.replace else {}, cache=False)
+        variants = {"after": (now, after)}
         if args.before:
             variants["before"] = (module_at(args.before, Path(tmp)), {})
         times: dict[str, list[float]] = {k: [] for k in variants}
