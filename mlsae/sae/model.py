@@ -216,9 +216,11 @@ class MLSAE(nn.Module):
         xt, sel, code, aux_acts, aux_idx = self._encode_rows(x, dead, auxk, matmul_dtype,
                                                              train=True, n_layers=n_layers)
         weight = self.out_scale(code.std).square().squeeze(-1)
-        err, resid = _ReconError.apply(code.acts, code.idx, self.W_dec, self.b_dec, xt, weight)
-        prefix_err = [_ReconError.apply(code.acts * (code.idx < m), code.idx, self.W_dec,
-                                        self.b_dec, xt, weight)[0]
+        err, resid = _ReconError.apply(code.acts, code.idx, self.W_dec, self.b_dec, xt, weight,
+                                       sel.mask)
+        keep = sel.mask if sel.mask is not None else torch.ones_like(code.idx, dtype=torch.bool)
+        prefix_err = [_ReconError.apply(code.acts, code.idx, self.W_dec, self.b_dec, xt,
+                                        weight, keep & (code.idx < m))[0]
                       for m in self.arch.prefixes(self)[:-1]]
         return TrainOutput(err, resid, code, aux_acts, aux_idx, prefix_err,
                            self.arch.penalty(self, sel), sel.level)
