@@ -13,6 +13,7 @@ import math
 import pytest
 import torch
 
+from mlsae.circuits import linear
 from mlsae.circuits.analysis import self_edges
 from mlsae.circuits.attribution import EMBEDDING, ERROR, LATENT, LOGIT, MLP, Target, attribute
 from mlsae.circuits.causal import (
@@ -120,10 +121,15 @@ def test_frozen_mlp_every_edge_is_the_exact_difference(sae, tiny_lm, layers):
     assert {LATENT, ERROR, MLP, EMBEDDING, LOGIT} <= kinds
 
 
+@pytest.mark.parametrize("gated", [True, False])
 @pytest.mark.parametrize("layers", [(0, 1, 2, 3), (1, 3)])
-def test_jacobian_edges_equal_autograd_through_live_mlps(sae, tiny_lm, layers):
+def test_jacobian_edges_equal_autograd_through_live_mlps(sae, tiny_lm, layers, gated,
+                                                         monkeypatch):
     """jacobian: W[v, u] = value_u * d value_v / d value_u, by autograd through the LM's own
-    forward (frozen patterns and norms, live MLPs), and by central differences."""
+    forward (frozen patterns and norms, live MLPs), and by central differences; with the
+    gated-MLP formula and with the autograd path any other MLP takes."""
+    if not gated:
+        monkeypatch.setattr(linear, "_is_gated", lambda mlp: False)
     mode = "jacobian"
     cap, g = build(sae, tiny_lm, layers, mode)
     assert not bool((g.kind == MLP).any())

@@ -25,10 +25,13 @@ from torch import Tensor
 
 from mlsae.circuits.linear import (
     Capture,
+    SourceSet,
+    block_edges,
     block_vjp,
     clean_sources,
     frozen_forward,
     logit_gradient,
+    same_position,
     zero_sources,
 )
 from mlsae.lm import LanguageModel
@@ -52,8 +55,10 @@ class EdgeBlock:
 
 @dataclass
 class Target:
-    """What the graph explains: `direction @ logits[-1]`, a logit (`contrast` None) or
-    the difference logit(token) - logit(contrast)."""
+    """What the graph explains: `direction @ logits[-1]` at the last position. Metric
+    "logit": the token's logit minus the mean logit over the vocabulary (as circuit-tracer
+    de-means its logit targets: a shift of every logit is no evidence for the token);
+    "logit-diff": logit(token) - logit(contrast)."""
 
     metric: str
     token: int
@@ -63,6 +68,8 @@ class Target:
 
     def direction(self, vocab: int) -> Tensor:
         d = torch.zeros(vocab)
+        if self.contrast is None:
+            d -= 1.0 / vocab
         d[self.token] += 1.0
         if self.contrast is not None:
             d[self.contrast] -= 1.0
@@ -148,15 +155,17 @@ class _Nodes:
 
 @dataclass
 class _Level:
-    """The source nodes a chain of blocks ends on: a spliced layer, or the embeddings."""
+    """The source nodes a chain of blocks ends on (a spliced layer, or the embeddings), as
+    node ids, positions and the vectors they add to that layer's output: a latent adds
+    a_u * out_scale(std) * W_dec[u] (the derivative of x_hat in a_u, mu and std frozen,
+    times a_u), an error node its error, an excluded position its whole resid_post, an
+    embedding its embedding."""
 
     layer: int | None
+    ids: Tensor
+    src: SourceSet
     latent_ids: Tensor | None = None  # node ids [n_active]
     latent_at: tuple[Tensor, Tensor] | None = None  # (row i, slot j) of each active latent
-    error_ids: Tensor | None = None  # [n_inc]
-    exc_ids: Tensor | None = None  # [n_exc]
-    exc_pos: Tensor | None = None
-    emb_ids: Tensor | None = None  # [T]
 
 
 def _layer_nodes(nodes: _Nodes, sae: MLSAE, cap: Capture, v: int) -> _Level:
@@ -164,48 +173,48 @@ def _layer_nodes(nodes: _Nodes, sae: MLSAE, cap: Capture, v: int) -> _Level:
     inc_pos = lc.inc.nonzero()[:, 0]
     active = lc.code.acts > 0  # the code may be padded with zeros: active means > 0
     rows, slots = active.nonzero(as_tuple=True)
-    lat_ids = nodes.add(LATENT, v, inc_pos[rows], lc.code.idx[rows, slots],
-                        lc.code.acts[rows, slots])
+    f, a = lc.code.idx[rows, slots], lc.code.acts[rows, slots]
+    lat_ids = nodes.add(LATENT, v, inc_pos[rows], f, a)
     err_ids = nodes.add(ERROR, v, inc_pos, None, lc.err.norm(dim=-1))
     exc_pos = (~lc.inc).nonzero()[:, 0]
     exc_ids = nodes.add(ERROR, v, exc_pos, None, lc.x[exc_pos].norm(dim=-1))
-    return _Level(layer=v, latent_ids=lat_ids, latent_at=(rows, slots), error_ids=err_ids,
-                  exc_ids=exc_ids, exc_pos=exc_pos)
+    S_lat = sae.W_dec.float()[f] * (sae.out_scale(lc.code.std[rows]) * a[:, None])
+    pos = torch.cat([inc_pos[rows], inc_pos, exc_pos]).to(lc.x.device)
+    return _Level(layer=v, ids=torch.cat([lat_ids, err_ids, exc_ids]),
+                  src=SourceSet(torch.cat([S_lat, lc.err, lc.x[exc_pos]]), pos, cap.n_pos),
+                  latent_ids=lat_ids, latent_at=(rows, slots))
 
 
-def _source_edges(sae: MLSAE, cap: Capture, lev: _Level, G: Tensor) -> tuple[Tensor, Tensor]:
-    """(source node ids, edges `[n, n_src]`) of gradients `G [n, T, d]` w.r.t. the output
-    of the level's layer (or the embeddings)."""
-    if lev.layer is None:
-        return lev.emb_ids, torch.einsum("ntd,td->nt", G, cap.emb)
-    lc = cap.codes[lev.layer]
-    inc_pos = lc.inc.nonzero()[:, 0]
-    Gi = G[:, inc_pos]  # [n, n_inc, d]
-    rows, slots = lev.latent_at
-    # d x_hat / d a_u = out_scale(std) * W_dec[u] (mu and std frozen): one batched product
-    # per position, [n_inc, n, d] @ [n_inc, d, width]
-    dirs = sae.W_dec.float()[lc.code.idx] * sae.out_scale(lc.code.std)[..., None]
-    per = torch.bmm(Gi.transpose(0, 1), dirs.transpose(1, 2))  # [n_inc, n, width]
-    lat = per[rows, :, slots].T * lc.code.acts[rows, slots]
-    err = torch.einsum("nid,id->ni", Gi, lc.err)
-    exc = torch.einsum("ned,ed->ne", G[:, lev.exc_pos], lc.x[lev.exc_pos])
-    return (torch.cat([lev.latent_ids, lev.error_ids, lev.exc_ids]),
-            torch.cat([lat, err, exc], dim=1))
+def _contract(G: Tensor, lev: _Level) -> Tensor:
+    """Edges `[n, n_src]` from gradients `G [n, T, d]` at the level's output."""
+    return lev.src.scatter(torch.einsum("ntd,twd->ntw", G, lev.src.S_pad))
 
 
-def _chain(lm: LanguageModel, sae: MLSAE, cap: Capture, G: Tensor, top: int, lev: _Level,
+def _chain(lm: LanguageModel, cap: Capture, g: Tensor, t: Tensor, top: int, lev: _Level,
            mode: str, mlp_ids: dict[int, Tensor]) -> tuple[Tensor, Tensor]:
-    """Edges into targets with gradients `G [n, T, d]` at the output of block `top`, from
-    the level below (and, in frozen-mlp mode, the MLP nodes of the blocks in between)."""
+    """(source node ids, edges `[n, n_src]`) into targets with gradients `g [n, d]` at
+    positions `t [n]` of block `top`'s output, from the level below (and, in frozen-mlp mode,
+    the MLP nodes of the blocks in between, each MLP output being added to the residual so
+    that its gradient is the block output's)."""
     bottom = 0 if lev.layer is None else lev.layer + 1
+    if top < bottom:  # the level is the targets' own layer
+        return lev.ids, same_position(g, t, lev.src)
+    if top == bottom:  # one block: contract without [n, T, d] gradients
+        E, g_mlp = block_edges(lm, cap, top, g, t, lev.src, mode)
+        if g_mlp is None:
+            return lev.ids, E
+        E_mlp = torch.zeros(len(g), cap.n_pos, dtype=E.dtype, device=E.device)
+        E_mlp[torch.arange(len(g)), t] = (g_mlp * cap.mlp_out[top][t]).sum(-1)
+        return torch.cat([lev.ids, mlp_ids[top]]), torch.cat([E, E_mlp], dim=1)
+    G = torch.zeros(len(g), cap.n_pos, g.shape[-1], dtype=g.dtype, device=g.device)
+    G[torch.arange(len(g)), t] = g
     srcs, ws = [], []
     for b in range(top, bottom - 1, -1):
-        if mode == "frozen-mlp":  # out = r + mlp_out: its gradient is G itself
+        if mode == "frozen-mlp":
             srcs.append(mlp_ids[b])
             ws.append(torch.einsum("ntd,td->nt", G, cap.mlp_out[b]))
         G = block_vjp(lm, cap, b, G, mode)
-    s, w = _source_edges(sae, cap, lev, G)
-    return torch.cat([s] + srcs[::-1]), torch.cat([w] + ws[::-1], dim=1)
+    return torch.cat([lev.ids] + srcs[::-1]), torch.cat([_contract(G, lev)] + ws[::-1], dim=1)
 
 
 @torch.no_grad()
@@ -220,7 +229,8 @@ def attribute(sae: MLSAE, lm: LanguageModel, cap: Capture, target: Target, mode:
     nodes = _Nodes()
     T = cap.n_pos
     emb_ids = nodes.add(EMBEDDING, -1, torch.arange(T), None, cap.emb.norm(dim=-1))
-    levels = [_Level(layer=None, emb_ids=emb_ids)]
+    levels = [_Level(layer=None, ids=emb_ids,
+                     src=SourceSet(cap.emb, torch.arange(T, device=cap.emb.device), T))]
     levels += [_layer_nodes(nodes, sae, cap, v) for v in cap.layers]
     mlp_ids = {}
     if mode == "frozen-mlp":
@@ -243,16 +253,16 @@ def attribute(sae: MLSAE, lm: LanguageModel, cap: Capture, target: Target, mode:
         parts, src = [], None
         for c in range(0, len(f), CHUNK):
             sl = slice(c, c + CHUNK)
-            G = torch.zeros(len(f[sl]), T, sae.d_model, device=enc.device)
-            G[torch.arange(len(f[sl])), pos[sl]] = enc[:, f[sl]].T * scale[sl]
-            src, w = _chain(lm, sae, cap, G, v, below, mode, mlp_ids)
+            g = enc[:, f[sl]].T * scale[sl]
+            src, w = _chain(lm, cap, g, pos[sl], v, below, mode, mlp_ids)
             parts.append(w)
         if parts:
             blocks.append(EdgeBlock(level=j + 1, tgt=lev.latent_ids, src=src,
                                     W=torch.cat(parts).cpu()))
         bar.update()
-    G = logit_gradient(lm, cap, direction)[None]
-    src, w = _chain(lm, sae, cap, G, n_blocks - 1, levels[-1], mode, mlp_ids)
+    g = logit_gradient(lm, cap, direction)[-1:]
+    t = torch.tensor([T - 1], device=g.device)
+    src, w = _chain(lm, cap, g, t, n_blocks - 1, levels[-1], mode, mlp_ids)
     blocks.append(EdgeBlock(level=len(cap.layers) + 1, tgt=logit_id, src=src, W=w.cpu()))
     bar.update()
     bar.close()

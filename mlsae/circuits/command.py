@@ -40,8 +40,9 @@ class GraphConfig:
     prompt: str | None = None
     """the prompt text (the graph explains the next token after it)"""
     prompts: str | None = None
-    """a text file with one prompt per line (optionally `prompt<TAB>target`); writes one graph
-    per prompt and summary.json with the cross-prompt self-edge analysis into --out"""
+    """a text file with one prompt per line, optionally `prompt<TAB>target[<TAB>contrast]`
+    (`\\n` in a line is a newline); writes one graph per prompt and summary.json with the
+    cross-prompt self-edge analysis into --out"""
     target: str | None = None
     """the target token (exactly one token, e.g. ' x'; default: the model's top prediction)"""
     contrast: str | None = None
@@ -120,17 +121,18 @@ def context_limit(sae: MLSAE, lm: LanguageModel) -> int:
 
 
 def make_target(lm: LanguageModel, logits_last: torch.Tensor, cfg: GraphConfig,
-                target: str | None) -> Target:
+                target: str | None, contrast: str | None = None) -> Target:
     if cfg.metric not in METRICS:
         raise UserError(f"--metric {cfg.metric!r}: choose one of {', '.join(METRICS)}")
     dec = lm.tokenizer.decode
     tok = one_token(lm, target, "--target") if target is not None else int(logits_last.argmax())
+    contrast = contrast if contrast is not None else cfg.contrast
     if cfg.metric == "logit-diff":
-        if cfg.contrast is None or target is None:
+        if contrast is None or target is None:
             raise UserError("--metric logit-diff needs --target and --contrast")
-        con = one_token(lm, cfg.contrast, "--contrast")
+        con = one_token(lm, contrast, "--contrast")
         return Target("logit-diff", tok, dec([tok]), con, dec([con]))
-    if cfg.contrast is not None:
+    if contrast is not None:
         raise UserError("--contrast needs --metric logit-diff")
     return Target("logit", tok, dec([tok]))
 
@@ -167,23 +169,25 @@ class GraphSession:
             self._means = (m, info)
         return self._means
 
-    def build(self, prompt: str, target: str | None = None, progress: bool = False
-              ) -> tuple[Graph, dict]:
+    def build(self, prompt: str, target: str | None = None, progress: bool = False,
+              contrast: str | None = None, causal: bool = True) -> tuple[Graph, dict]:
         """The graph of one prompt and its JSON (pruned, with the checks)."""
         cfg = self.cfg
         ids = tokenize(self.lm, prompt, self.limit)
         t0 = time.perf_counter()
         cap = capture(self.sae, self.lm, ids, self.layers, self.data_cfg)
         tgt = make_target(self.lm, cap.logits[-1], cfg, target if target is not None
-                          else cfg.target)
+                          else cfg.target, contrast)
         g = attribute(self.sae, self.lm, cap, tgt, cfg.mode, prompt, progress=progress)
         t1 = time.perf_counter()
         pr = prune(g, cfg.node_threshold, cfg.edge_threshold)
         t2 = time.perf_counter()
-        means, info = self.means()
-        circuit = pr.nodes[g.kind[pr.nodes] == LATENT]
-        causal = causal_checks(self.sae, self.lm, cap, g, means, circuit, pr.influence)
-        causal["means"] = info
+        result = None
+        if causal:
+            means, info = self.means()
+            circuit = pr.nodes[g.kind[pr.nodes] == LATENT]
+            result = causal_checks(self.sae, self.lm, cap, g, means, circuit, pr.influence)
+            result["means"] = info
         t3 = time.perf_counter()
         if cfg.mode == "frozen-mlp" and cfg.exactness_nodes > 0:
             src = (g.kind == LATENT) | (g.kind == ERROR) | (g.kind == MLP)
@@ -197,7 +201,7 @@ class GraphSession:
                         - t0)
         slug = _slug(prompt)
         data = graph_json(g, pr, slug, f"mlsae:{self.run.name}",
-                          {"causal": causal, "self_edges": selfe, "run": str(self.run),
+                          {"causal": result, "self_edges": selfe, "run": str(self.run),
                            "model": self.lm.name})
         return g, data
 
@@ -213,15 +217,15 @@ def graph(run: str | Path, cfg: GraphConfig, lm: LanguageModel | None = None,
     `cfg.prompts`); returns the JSON written (or, for --prompts, the summary)."""
     if (cfg.prompt is None) == (cfg.prompts is None):
         raise UserError("give --prompt TEXT or --prompts FILE (one of them)")
-    lines: list[tuple[str, str | None]] = []
+    lines: list[tuple[str, str | None, str | None]] = []
     if cfg.prompts is not None:
         path = Path(cfg.prompts)
         if not path.is_file():
             raise UserError(f"--prompts {cfg.prompts!r}: no such file")
         for line in path.read_text().splitlines():
             if line.strip():
-                text, _, tgt = line.partition("\t")
-                lines.append((text.replace("\\n", "\n"), tgt.replace("\\n", "\n") or None))
+                parts = [p.replace("\\n", "\n") for p in line.split("\t")] + [None, None]
+                lines.append((parts[0], parts[1] or None, parts[2] or None))
         if not lines:
             raise UserError(f"--prompts {cfg.prompts!r} holds no prompt")
     session = GraphSession(run, cfg, lm, sae)
@@ -233,13 +237,14 @@ def graph(run: str | Path, cfg: GraphConfig, lm: LanguageModel | None = None,
         _report(data, out)
         return data
     folder = Path(cfg.out) if cfg.out else session.run / "graphs"
-    for text, tgt in lines:  # every line checked before minutes of work
+    for text, tgt, con in lines:  # every line checked before minutes of work
         tokenize(session.lm, text, session.limit)
-        if tgt is not None:
-            one_token(session.lm, tgt, "--target")
+        for tok, flag in ((tgt, "--target"), (con, "--contrast")):
+            if tok is not None:
+                one_token(session.lm, tok, flag)
     rows = []
-    for i, (text, tgt) in enumerate(lines):
-        _, data = session.build(text, tgt, progress=False)
+    for i, (text, tgt, con) in enumerate(lines):
+        _, data = session.build(text, tgt, progress=False, contrast=con)
         slug = f"{i:03d}-{data['metadata']['slug']}"
         data["metadata"]["slug"] = slug
         out = write_json(data, folder / f"{slug}.json")
@@ -262,7 +267,7 @@ def graph(run: str | Path, cfg: GraphConfig, lm: LanguageModel | None = None,
 
 def _report(data: dict, out: Path) -> None:
     m = data["metadata"]["mlsae"]
-    c = m["causal"]
+    c = m["causal"] or {"faithfulness": float("nan"), "completeness": float("nan")}
     print(f"{out}: {m['mode']}, target {m['target']['token_str']!r} "
           f"(p={m['target']['probability']:.3f}); full {m['full_graph']['nodes']} nodes / "
           f"{m['full_graph']['edges']} edges; pruned {m['pruned_graph']['nodes']} nodes "

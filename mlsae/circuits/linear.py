@@ -298,6 +298,47 @@ def _rows(G: Tensor) -> tuple[Tensor, Tensor]:
     return nz.nonzero(as_tuple=True)
 
 
+class _GatedMLP:
+    """Per-position factors of a gated MLP down(act(gate z) * up z) at the prompt, so that
+    its transposed Jacobian is two matmuls per gradient vector: J^T g = W_gate^T (s1 *
+    (g W_down)) + W_up^T (s2 * (g W_down)), s1 = act'(gate z) * up z, s2 = act(gate z)."""
+
+    def __init__(self, mlp: nn.Module, z: Tensor):
+        with torch.enable_grad():
+            a = mlp.gate_proj(z).detach().requires_grad_(True)
+            act = mlp.act_fn(a)
+            d_act, = torch.autograd.grad(act.sum(), a)  # elementwise: the derivative itself
+        self.s1 = (d_act * mlp.up_proj(z)).detach()  # [T, ff]
+        self.s2 = act.detach()
+        self.W_gate, self.W_up = mlp.gate_proj.weight.float(), mlp.up_proj.weight.float()
+        self.W_down = mlp.down_proj.weight.float()
+
+    def vjp(self, g: Tensor, t: Tensor) -> Tensor:
+        h = g @ self.W_down  # [m, ff]
+        return (h * self.s1[t]) @ self.W_gate + (h * self.s2[t]) @ self.W_up
+
+
+def _is_gated(mlp: nn.Module) -> bool:
+    return all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn"))
+
+
+def mlp_vjp(lm: LanguageModel, cap: Capture, b: int, g: Tensor, t: Tensor) -> Tensor:
+    """Gradients `[m, d]` w.r.t. block b's mid-residual r (after attention) at positions `t
+    [m]` of gradients `g [m, d]` w.r.t. its MLP output, through the MLP's own Jacobian at the
+    prompt and the frozen post-attention norm."""
+    blk = lm.blocks[b]
+    if _is_gated(blk.mlp):
+        cache = cap.__dict__.setdefault("_gated", {})
+        if b not in cache:
+            cache[b] = _GatedMLP(blk.mlp, cap.mlp_in[b])
+        gz = cache[b].vjp(g, t)
+    else:  # any other per-position MLP: autograd, one row per gradient vector
+        with torch.enable_grad():
+            z = cap.mlp_in[b][t].detach().requires_grad_(True)
+            gz, = torch.autograd.grad(blk.mlp(z), z, g)
+    return gz * blk.post_attention_layernorm.weight.float() * cap.inv2[b][t]
+
+
 def block_vjp(lm: LanguageModel, cap: Capture, b: int, G: Tensor, mode: str) -> Tensor:
     """Gradients `[n, T, d]` w.r.t. block b's input (resid_post b-1, or the embeddings) of n
     linear functionals of its output given as gradients `G [n, T, d]`, in the linearised
@@ -305,22 +346,16 @@ def block_vjp(lm: LanguageModel, cap: Capture, b: int, G: Tensor, mode: str) -> 
     N2's scales frozen. `frozen-mlp`: the MLP output is a node, so no gradient passes it
     (its edges are G itself); `jacobian`: the MLP's own Jacobian at the prompt. Only the
     rows where G is non-zero are pushed through the MLP and the output projection."""
-    blk = lm.blocks[b]
-    at = blk.self_attn
+    at = lm.blocks[b].self_attn
     n, T, d = G.shape
     G_r = G
     if mode == "jacobian":
         bi, ti = _rows(G)
         if len(bi):
-            with torch.enable_grad():
-                z = cap.mlp_in[b][ti].detach().requires_grad_(True)  # [m, d]
-                gz, = torch.autograd.grad(blk.mlp(z), z, G[bi, ti])
-            w2 = blk.post_attention_layernorm.weight.float()
             G_r = G.clone()
-            G_r[bi, ti] += gz * w2 * cap.inv2[b][ti]
+            G_r[bi, ti] += mlp_vjp(lm, cap, b, G[bi, ti], ti)
     bi, ti = _rows(G_r)
-    H = cap.attn[b].shape[0]
-    dh = at.head_dim
+    H, dh = cap.attn[b].shape[0], at.head_dim
     kv = at.v_proj.weight.shape[0] // dh
     go = torch.zeros(n, T, H * dh, dtype=G.dtype, device=G.device)
     if len(bi):
@@ -328,8 +363,67 @@ def block_vjp(lm: LanguageModel, cap: Capture, b: int, G: Tensor, mode: str) -> 
     # gV[n, h, s] = sum_t A[h, t, s] go[n, t, h]; heads of one kv group share v_proj rows
     gV = torch.einsum("hts,nthd->nhsd", cap.attn[b], go.view(n, T, H, dh))
     gV = gV.view(n, kv, H // kv, T, dh).sum(2).permute(0, 2, 1, 3).reshape(n, T, kv * dh)
-    w1 = blk.input_layernorm.weight.float()
+    w1 = lm.blocks[b].input_layernorm.weight.float()
     return G_r + (gV @ at.v_proj.weight.float()) * (w1 * cap.inv1[b])
+
+
+class SourceSet:
+    """Source vectors `S [n_src, d]` at positions `pos [n_src]`, also grouped by position
+    into a padded `[T, width, d]` tensor (`col [T, width]`: each slot's column, n_src for
+    padding), so that contractions with per-position gradients are one batched product."""
+
+    def __init__(self, S: Tensor, pos: Tensor, n_pos: int):
+        self.S, self.pos, self.n = S, pos, S.shape[0]
+        counts = torch.bincount(pos.cpu(), minlength=n_pos)
+        width = max(1, int(counts.max())) if len(pos) else 1
+        order = torch.argsort(pos.cpu(), stable=True)
+        starts = torch.cumsum(counts, 0) - counts
+        slot = torch.arange(len(pos)) - starts[pos.cpu()[order]]
+        self.col = torch.full((n_pos, width), self.n, dtype=torch.long)
+        self.col[pos.cpu()[order], slot] = order
+        self.col = self.col.to(S.device)
+        pad = torch.cat([S, S.new_zeros(1, S.shape[1])])
+        self.S_pad = pad[self.col]  # [T, width, d]
+
+    def scatter(self, vals: Tensor) -> Tensor:
+        """`[n, T, width]` per-slot values -> `[n, n_src]` edges."""
+        n = vals.shape[0]
+        E = vals.new_zeros(n, self.n + 1)
+        E.index_add_(1, self.col.flatten(), vals.reshape(n, -1))
+        return E[:, : self.n]
+
+
+def same_position(g: Tensor, t: Tensor, src: SourceSet) -> Tensor:
+    """`[n, n_src]`: g[i] . S[j] where target i (at position t[i]) and source j share a
+    position, else 0."""
+    vals = torch.bmm(src.S_pad[t], g[:, :, None])[..., 0]  # [n, width]
+    full = vals.new_zeros(g.shape[0], src.col.shape[0], vals.shape[1])
+    full[torch.arange(g.shape[0]), t] = vals
+    return src.scatter(full)
+
+
+def block_edges(lm: LanguageModel, cap: Capture, b: int, g: Tensor, t: Tensor,
+                src: SourceSet, mode: str) -> tuple[Tensor, Tensor | None]:
+    """The one-block case of `block_vjp`, contracted with the sources at once: targets are
+    gradients `g [n, d]` w.r.t. block b's output at positions `t [n]`; sources are vectors
+    added to its input (`src`). Returns edges `[n, n_src]` = g . (d out / d in) S, and in
+    frozen-mlp mode each target's gradient on the MLP output at its own position (the edge
+    to the MLP node is that times the node's value). Never forms `[n, T, d]`: the attention
+    part is contracted in the value space (`[T, n, kv*dh] x [T, kv*dh, width]`)."""
+    at = lm.blocks[b].self_attn
+    g_r = g + mlp_vjp(lm, cap, b, g, t) if mode == "jacobian" else g
+    E = same_position(g_r, t, src)
+    H, dh = cap.attn[b].shape[0], at.head_dim
+    kv = at.v_proj.weight.shape[0] // dh
+    n, T = g.shape[0], cap.n_pos
+    go = (g_r @ at.o_proj.weight.float()).view(n, H, dh)
+    gV = cap.attn[b].permute(1, 0, 2)[t][..., None] * go[:, :, None, :]  # [n, H, T, dh]
+    gV = gV.view(n, kv, H // kv, T, dh).sum(2).permute(2, 0, 1, 3).reshape(T, n, kv * dh)
+    w1 = lm.blocks[b].input_layernorm.weight.float()
+    PS = (src.S_pad * w1 * cap.inv1[b][:, None]) @ at.v_proj.weight.float().T  # [T, w, kvd]
+    vals = torch.bmm(gV, PS.transpose(1, 2))  # [T, n, width]
+    E += src.scatter(vals.permute(1, 0, 2))
+    return E, (g if mode == "frozen-mlp" else None)
 
 
 def logit_gradient(lm: LanguageModel, cap: Capture, direction: Tensor) -> Tensor:

@@ -99,6 +99,16 @@ def _add_routes(app: FastAPI, ex: Explorer) -> None:
         """Top next tokens after adding factor x W_dec[latent] (un-standardized) at a layer."""
         return ex.steer(req)
 
+    @app.post("/api/graph", response_model=M.GraphResponse, responses=ERRORS)
+    def graph(req: M.GraphRequest) -> M.GraphResponse:
+        """The prompt's pruned attribution graph over the latents (circuit-tracer JSON)."""
+        return ex.graph(req)
+
+    @app.post("/api/intervene", response_model=M.InterveneResponse, responses=ERRORS)
+    def intervene(req: M.InterveneRequest) -> M.InterveneResponse:
+        """Top next tokens after scaling (0: ablating) latents at their layers."""
+        return ex.intervene(req)
+
 
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)

@@ -140,10 +140,13 @@ class Explorer:
     def _codes(self, resid: Tensor) -> tuple[Tensor, Tensor]:
         """acts, idx `[layer, T, k]` at every position (excluded ones too, for display) from
         `resid [layer, 1, T, d]`."""
-        codes = [self.sae.encode(self._translate(resid[i, 0], layer))  # bounds [T, n_latents]
-                 for i, layer in enumerate(self.layers)]
-        return (torch.stack([c.acts for c in codes]).cpu(),
-                torch.stack([c.idx for c in codes]).cpu())
+        # every layer of a token together, as `mlsae analyze` does: token-topk's per-token
+        # rule needs them (the other architectures encode each vector alone); row chunks
+        # bound the dense pre-activations
+        x = torch.stack([self._translate(resid[i, 0], layer)
+                         for i, layer in enumerate(self.layers)])  # [layer, T, d]
+        code = self.sae.encode_layers(x)
+        return code.acts.cpu(), code.idx.cpu()
 
     def info(self) -> M.Info:
         cfg = self.data_cfg
@@ -237,6 +240,48 @@ class Explorer:
             return M.SteerResponse(latent=req.latent, factor=req.factor,
                                    relative_norm=rel.mean().item() if rel.numel() else 0.0,
                                    clean=self._top(clean, req.top), steered=steered)
+
+    # ---- circuits ------------------------------------------------------------------------
+    def graph(self, req: M.GraphRequest) -> M.GraphResponse:
+        """The pruned attribution graph of the prompt (mlsae.circuits), causal checks left to
+        `mlsae graph` (they need the latents' means over held-out text)."""
+        from mlsae.circuits.command import GraphConfig, GraphSession
+
+        if self.lens is not None:
+            raise UserError("the graph view does not apply a lens run's tuned lens")
+        cfg = GraphConfig(prompt=req.prompt, metric=req.metric, mode=req.mode,
+                          node_threshold=req.node_threshold, edge_threshold=req.edge_threshold)
+        with self._lock:
+            self.tokenize(req.prompt)  # the explorer's own prompt limits
+            session = GraphSession(self.run_dir, cfg, lm=self.lm, sae=self.sae)
+            _, data = session.build(req.prompt, req.target, contrast=req.contrast, causal=False)
+        return M.GraphResponse(**data)
+
+    @torch.inference_mode()
+    def intervene(self, req: M.InterveneRequest) -> M.InterveneResponse:
+        """Top next tokens with latents scaled at their layers through `MLSAE.spliced` (the
+        error term added back, so only the edits change the output)."""
+        from contextlib import ExitStack
+
+        if self.lens is not None:
+            raise UserError("interventions do not apply a lens run's tuned lens")
+        by_layer: dict[int, dict[int, float]] = {}
+        for e in req.edits:
+            self._check_latent(e.latent)
+            self._check_layer(e.layer)
+            by_layer.setdefault(e.layer, {})[e.latent] = e.scale
+        with self._lock:
+            ids = self.tokenize(req.prompt)
+            clean = self.lm.logits(ids)[0, -1].float().log_softmax(-1).cpu()
+            with ExitStack() as stack:
+                for layer, latents in by_layer.items():
+                    stack.enter_context(self.sae.spliced(self.lm, layers=[layer], error=True,
+                                                         latents=latents))
+                edited = self.lm.logits(ids)[0, -1].float().log_softmax(-1).cpu()
+            cmp = self._compare(clean, edited, req.edits[0].layer, req.top)
+            return M.InterveneResponse(edits=req.edits, kl=cmp.kl, clean=self._top(clean, req.top),
+                                       top=cmp.top, increased=cmp.increased,
+                                       decreased=cmp.decreased)
 
     def _top(self, logp: Tensor, n: int) -> list[M.TokenProb]:
         p, ids = logp.exp().topk(min(n, len(logp)))

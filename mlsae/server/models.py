@@ -219,3 +219,51 @@ class SteerResponse(BaseModel):
                                  "||added vector|| / ||resid_post||")
     clean: list[TokenProb]
     steered: Modified
+
+
+# ---- graph (attribution graphs, mlsae.circuits) ----------------------------------------------
+Threshold = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+class GraphRequest(BaseModel):
+    prompt: PromptText
+    target: str | None = Field(None, description="the target token, exactly one token "
+                               "(default: the model's top prediction)")
+    contrast: str | None = Field(None, description="with metric logit-diff: the token whose "
+                                 "logit is subtracted")
+    metric: str = Field("logit", description="logit (de-meaned) or logit-diff")
+    mode: str = Field("jacobian", description="jacobian or frozen-mlp")
+    node_threshold: Threshold = 0.8
+    edge_threshold: Threshold = 0.98
+
+
+class GraphResponse(BaseModel):
+    """circuit-tracer's graph JSON (the file `mlsae graph` writes, pruned; see
+    docs/guides/circuits.md), without the causal checks (those need minutes)."""
+
+    metadata: dict
+    qParams: dict
+    nodes: list[dict]
+    links: list[dict]
+
+
+class LatentEdit(BaseModel):
+    latent: int = Field(ge=0)
+    layer: int
+    scale: Factor = Field(description="multiplies the latent's activation at every included "
+                          "position of the layer (0 ablates it)")
+
+
+class InterveneRequest(BaseModel):
+    prompt: PromptText
+    edits: list[LatentEdit] = Field(min_length=1, max_length=200)
+    top: Top = 10
+
+
+class InterveneResponse(BaseModel):
+    edits: list[LatentEdit]
+    kl: float = Field(description="KL(clean || edited) of the next-token distribution")
+    clean: list[TokenProb]
+    top: list[TokenChange] = Field(description="most likely next tokens after the edits")
+    increased: list[TokenChange]
+    decreased: list[TokenChange]

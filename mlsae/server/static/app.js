@@ -313,6 +313,201 @@ async function steer() {
   $("steer-decreased").replaceChildren(changeTable("Most decreased", s.decreased));
 }
 
+// ---- Graph view ------------------------------------------------------------------------------
+const SVG_NS = "http://www.w3.org/2000/svg";
+const KIND_COLOURS = { latent: "#2563eb", error: "#9ca3af", mlp: "#16a34a", embedding: "#111827", logit: "#ea580c" };
+const graphState = { data: null, pinned: new Set(), byId: new Map() };
+
+function svg(tag, attrs = {}) {
+  const node = document.createElementNS(SVG_NS, tag);
+  for (const [key, value] of Object.entries(attrs)) node.setAttribute(key, value);
+  return node;
+}
+
+async function buildGraph() {
+  const target = $("graph-target").value;
+  const data = await api("POST", "/api/graph", {
+    prompt: currentPrompt(), target: target === "" ? null : target,
+    mode: $("graph-mode").value, node_threshold: numberOrText($("graph-node-threshold").value),
+  });
+  graphState.data = data;
+  graphState.pinned = new Set();
+  renderGraph(data);
+  renderPinned();
+  $("graph-result").replaceChildren();
+}
+
+// Token x layer layout: x = token position, y = layer (embeddings at the bottom, target on
+// top); nodes sharing a cell spread sideways.
+function layoutGraph(data) {
+  const meta = data.metadata;
+  const rows = ["E", ...meta.mlsae.layers.map(String), String(meta.mlsae.n_blocks + 1)];
+  const mlpRows = new Set(data.nodes.filter((n) => n.mlsae.kind === "mlp").map((n) => n.layer));
+  // MLP nodes of a block sit on that block's own row when it is a spliced layer
+  for (const r of mlpRows) if (!rows.includes(r)) rows.splice(rows.length - 1, 0, r);
+  rows.sort((a, b) => (a === "E" ? -1 : b === "E" ? 1 : Number(a) - Number(b)));
+  const T = meta.prompt_tokens.length;
+  const colW = Math.max(48, Math.min(90, 1100 / T));
+  const rowH = Math.max(14, Math.min(40, 700 / rows.length));
+  const left = 40, top = 16;
+  const width = left + colW * T + 10, height = top + rowH * rows.length + 60;
+  const cells = new Map();
+  for (const n of data.nodes) {
+    const key = `${n.layer}|${n.ctx_idx}`;
+    if (!cells.has(key)) cells.set(key, []);
+    cells.get(key).push(n);
+  }
+  const maxInfl = Math.max(...data.nodes.map((n) => Math.abs(n.mlsae.influence || 0)), 1e-12);
+  const pos = new Map();
+  for (const group of cells.values()) {
+    group.sort((a, b) => (b.mlsae.influence || 0) - (a.mlsae.influence || 0));
+    group.forEach((n, i) => {
+      const r = rows.indexOf(n.layer);
+      const spread = Math.min(6, (colW - 8) / Math.max(group.length, 1));
+      const x = left + colW * (n.ctx_idx + 0.5) + (i - (group.length - 1) / 2) * spread;
+      const y = top + rowH * (rows.length - 1 - r + 0.5);
+      const rad = n.mlsae.kind === "logit" ? 7 : 2 + 7 * Math.sqrt(Math.abs(n.mlsae.influence || 0) / maxInfl);
+      pos.set(n.node_id, { x, y, r: rad });
+    });
+  }
+  return { rows, T, colW, rowH, left, top, width, height, pos };
+}
+
+function renderGraph(data) {
+  const meta = data.metadata;
+  const m = meta.mlsae;
+  graphState.byId = new Map(data.nodes.map((n) => [n.node_id, n]));
+  $("graph-summary").textContent = `${m.mode} graph of “${showText(m.target.token_str)}” ` +
+    `(p=${fmt(m.target.probability)}): ${m.pruned_graph.nodes} nodes (${m.pruned_graph.latents} latents), ` +
+    `${m.pruned_graph.links} links after pruning; full graph ${m.full_graph.nodes} nodes, ` +
+    `${m.full_graph.edges} edges; built in ${fmt(m.timing.total_s, 1)} s.`;
+  const L = layoutGraph(data);
+  const root = svg("svg", { width: L.width, height: L.height, viewBox: `0 0 ${L.width} ${L.height}` });
+  L.rows.forEach((r, i) => {
+    const y = L.top + L.rowH * (L.rows.length - 1 - i + 0.5);
+    const label = r === "E" ? "emb" : r === String(m.n_blocks + 1) ? "target" : r;
+    const t = svg("text", { x: 2, y: y + 3, class: "axis" });
+    t.textContent = label;
+    root.append(t);
+  });
+  meta.prompt_tokens.forEach((tok, i) => {
+    const t = svg("text", { x: L.left + L.colW * i + 2, y: L.height - 30, class: "axis" });
+    t.textContent = showText(tok).slice(0, 10);
+    root.append(t);
+  });
+  const maxW = Math.max(...data.links.map((l) => Math.abs(l.weight)), 1e-12);
+  const links = [...data.links].sort((a, b) => Math.abs(b.weight) - Math.abs(a.weight)).slice(0, 3000);
+  const gl = svg("g");
+  for (const l of links.reverse()) {
+    const a = L.pos.get(l.source), b = L.pos.get(l.target);
+    if (!a || !b) continue;
+    const w = Math.abs(l.weight) / maxW;
+    gl.append(svg("line", {
+      x1: a.x, y1: a.y, x2: b.x, y2: b.y, class: "glink", "data-source": l.source, "data-target": l.target,
+      stroke: l.weight >= 0 ? "#2563eb" : "#dc2626", "stroke-width": (0.3 + 2.5 * w).toFixed(2),
+      "stroke-opacity": (0.15 + 0.6 * w).toFixed(2),
+    }));
+  }
+  root.append(gl);
+  const gn = svg("g");
+  for (const n of data.nodes) {
+    const p = L.pos.get(n.node_id);
+    const c = svg("circle", {
+      cx: p.x, cy: p.y, r: p.r.toFixed(2), fill: KIND_COLOURS[n.mlsae.kind] || "#666",
+      class: "gnode", "data-id": n.node_id, "data-kind": n.mlsae.kind,
+    });
+    c.addEventListener("mouseenter", () => hoverNode(n));
+    c.addEventListener("click", () => togglePin(n));
+    gn.append(c);
+  }
+  root.append(gn);
+  $("graph-svg").replaceChildren(root);
+  $("graph-svg").classList.remove("focus");
+}
+
+let hoverSeq = 0;
+async function hoverNode(n) {
+  const seq = ++hoverSeq;
+  const tok = graphState.data.metadata.prompt_tokens[n.ctx_idx];
+  const head = el("p", {}, el("strong", {}, n.mlsae.kind === "latent" ? `Latent ${n.feature}` : n.clerp || n.mlsae.kind),
+    ` · layer ${n.layer} · token ${n.ctx_idx} “${showText(tok)}” · activation ${n.activation === null ? "–" : fmt(n.activation)}` +
+    ` · influence ${fmt(n.mlsae.influence, 4)} (cumulative ${fmt(n.influence)})`);
+  $("graph-hover").replaceChildren(head);
+  if (n.mlsae.kind !== "latent") return;
+  const data = await api("GET", `/api/latents/${n.feature}?layer=${encodeURIComponent(n.layer)}&limit=3`);
+  if (seq !== hoverSeq) return; // the pointer moved on
+  const parts = [head];
+  const d = data.distribution;
+  if (d.available) {
+    const top = Math.max(...d.probs, 1e-12);
+    parts.push(el("p", { class: "help" }, "Share of its activation per layer over the dataset:"),
+      el("div", { class: "mini-bars" }, ...d.layers.map((layer, i) => el("span", {
+        class: "mini-bar", title: `layer ${layer}: ${pct(d.probs[i])}`,
+        style: `height: ${(2 + 30 * d.probs[i] / top).toFixed(1)}px; background: ${String(layer) === n.layer ? "#ea580c" : "#2563eb"}`,
+      }))));
+  } else parts.push(el("p", { class: "hint" }, d.hint));
+  const dens = data.density;
+  if (dens && dens.available) {
+    const i = dens.layers.map(String).indexOf(n.layer);
+    if (i >= 0) parts.push(el("p", { class: "help" }, `Density at layer ${n.layer}: ` +
+      `${dens.counts[i].reduce((a, b) => a + b, 0)} nonzero activations over ${dens.included_tokens} tokens.`));
+  }
+  const ex = data.examples;
+  if (ex.available) {
+    parts.push(el("p", { class: "help" }, `Top examples at layer ${ex.layer}:`),
+      ...ex.examples.map((e) => el("div", { class: "example" },
+        el("span", { class: "meta" }, `act ${fmt(e.activation)}`),
+        ...e.tokens.map((text, i) => el("span", { class: i === e.max_index ? "ctx-tok max" : "ctx-tok" }, showText(text))))));
+  } else parts.push(el("p", { class: "hint" }, ex.hint));
+  $("graph-hover").replaceChildren(...parts);
+}
+
+function togglePin(n) {
+  if (graphState.pinned.has(n.node_id)) graphState.pinned.delete(n.node_id);
+  else graphState.pinned.add(n.node_id);
+  const pinned = graphState.pinned;
+  const hot = new Set(pinned);
+  for (const line of document.querySelectorAll("#graph-svg .glink")) {
+    const on = pinned.has(line.dataset.source) || pinned.has(line.dataset.target);
+    line.classList.toggle("hot", on);
+    if (on) { hot.add(line.dataset.source); hot.add(line.dataset.target); }
+  }
+  for (const c of document.querySelectorAll("#graph-svg .gnode")) {
+    c.classList.toggle("pinned", pinned.has(c.dataset.id));
+    c.classList.toggle("hot", hot.has(c.dataset.id));
+  }
+  $("graph-svg").classList.toggle("focus", pinned.size > 0);
+  renderPinned();
+}
+
+function pinnedLatents() {
+  // one edit per (latent, layer): spliced scales a latent at every position of its layer
+  const seen = new Map();
+  for (const id of graphState.pinned) {
+    const n = graphState.byId.get(id);
+    if (n && n.mlsae.kind === "latent") seen.set(`${n.feature}@${n.layer}`, n);
+  }
+  return [...seen.values()];
+}
+
+function renderPinned() {
+  const nodes = pinnedLatents();
+  $("graph-pinned").replaceChildren(...(nodes.length ? nodes.map((n) => el("div", { class: "edit" },
+    `latent ${n.feature} at layer ${n.layer} × `,
+    el("input", { type: "text", size: 5, value: "0", "data-latent": n.feature, "data-layer": n.layer, class: "edit-scale" }))) :
+    [el("p", { class: "muted" }, "Click latents in the graph to pin them.")]));
+}
+
+async function intervene() {
+  const edits = [...document.querySelectorAll("#graph-pinned .edit-scale")].map((inp) => ({
+    latent: Number(inp.dataset.latent), layer: Number(inp.dataset.layer), scale: numberOrText(inp.value),
+  }));
+  if (!edits.length) throw new Error("Pin a latent in the graph first.");
+  const data = await api("POST", "/api/intervene", { prompt: currentPrompt(), edits, top: 10 });
+  $("graph-result").replaceChildren(el("p", { class: "muted" }, `KL(clean || edited) ${fmt(data.kl, 4)}`),
+    el("div", { class: "cols" }, probTable("Clean", data.clean), changeTable("Edited", data.top)));
+}
+
 // ---- wiring ----------------------------------------------------------------------------------
 function onSubmit(id, what, action) {
   $(id).addEventListener("submit", (event) => {
@@ -326,6 +521,8 @@ onSubmit("latent-form", "loading latent…",
   () => showLatent($("latent-input").value, $("latent-layer").value));
 onSubmit("logits-form", "predicting…", predict);
 onSubmit("steer-form", "steering…", steer);
+onSubmit("graph-form", "building the graph…", buildGraph);
+$("graph-apply").addEventListener("click", () => run("intervening…", intervene));
 $("prompt").addEventListener("keydown", (event) => {
   if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) $("prompt-form").requestSubmit();
 });
