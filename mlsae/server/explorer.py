@@ -138,7 +138,7 @@ class Explorer:
 
     @torch.inference_mode()
     def _codes(self, resid: Tensor) -> tuple[Tensor, Tensor]:
-        """acts, idx `[layer, T, k]` at every position (excluded ones too, for display) from
+        """acts, idx `[layer, T, width]` at every position (excluded ones too, for display) from
         `resid [layer, 1, T, d]`."""
         # every layer of a token together, as `mlsae analyze` does: token-topk's per-token
         # rule needs them (the other architectures encode each vector alone); row chunks
