@@ -359,3 +359,42 @@ def test_token_topk_level_is_the_batch_threshold_of_its_budget():
     assert abs(float(out.level) - float(want)) < 1e-5
     kept = out.code.acts[out.code.acts > 0]
     assert float(kept.min()) <= float(out.level)  # the lowest token's threshold is below
+
+
+def test_pareto_grid_csv_figure_and_report(tiny_lm, text_file, tmp_path):
+    """A small grid with baselines from one LM pass: pareto.csv holds each run's eval.json
+    numbers, the curves are the means the docstring states, and the report shows them."""
+    import csv
+
+    from mlsae.analysis.report import report
+    from mlsae.pareto import ParetoConfig, pareto
+
+    base = RunConfig(SAEConfig(expansion_factor=4), DataConfig(dataset=str(text_file),
+                                                                ctx_len=32),
+                     TrainConfig(model="tiny", tokens=4 * 32 * 4, batch_size=4,
+                                 dead_tokens=300))
+    pc = ParetoConfig(out=str(tmp_path / "p"), archs="topk,batchtopk,jumprelu", ks="4,8",
+                      baseline_layers="1", score_tokens=256)
+    res = pareto(base, pc, progress=False, lm=tiny_lm)
+    rows = list(csv.DictReader((tmp_path / "p" / "pareto.csv").open()))
+    points = {r["point"] for r in rows}
+    assert points == {"topk-k4", "topk-k8", "batchtopk-k4", "batchtopk-k8", "jumprelu-k4",
+                      "jumprelu-k8"}
+    for r in rows:
+        folder = tmp_path / "p" / r["point"] if r["kind"] == "mlsae" else \
+            tmp_path / "p" / "baselines" / r["point"] / f"layer_{r['layer']}"
+        ev = json.loads((folder / "eval.json").read_text())
+        i = ev["layers"].index(int(r["layer"]))
+        for key in ("l0", "fvu", "dce"):
+            assert float(r[key]) == pytest.approx(ev["per_layer"][key][i], rel=1e-12)
+        assert int(r["params"]) == 2 * 128 * 32 + 128 + 32
+        assert MLSAE.from_pretrained(folder).architecture == r["arch"]
+    # topk's L0 is its k; curves: means over the baseline layer (1) of the MLSAE rows
+    topk4 = [r for r in rows if r["point"] == "topk-k4" and r["kind"] == "mlsae"]
+    assert {float(r["l0"]) for r in topk4} == {4.0} and len(topk4) == 4
+    mlsae_l1 = [r for r in topk4 if r["layer"] == "1"]
+    assert res["curves"]["topk"]["mlsae"][0] == pytest.approx(
+        [float(mlsae_l1[0][m]) for m in ("l0", "fvu", "dce")])
+    assert (tmp_path / "p" / "pareto.png").stat().st_size > 10_000
+    page = report(tmp_path / "p" / "topk-k8").read_text()
+    assert "Architectures at matched L0" in page and "pareto.png" in page

@@ -16,6 +16,8 @@ command adds it:
                  (`mlsae resid-sim ... --out <run>/analysis`)
   latents        <run>/analysis/dists.safetensors, examples from <run>/analysis/examples.sqlite
                  (`mlsae examples`)
+  matched L0     pareto.png / pareto.json of `mlsae pareto` in the run's parent folder (a run
+                 of the grid) or in the run folder itself
 
 Latents shown: among alive latents firing at least as often as the median alive latent (so a
 handful of firings cannot look "single-layer"), the --latents most multi-layer (most active
@@ -389,6 +391,7 @@ def report(run: str | Path, out: str | Path | None = None,
         replacement_section(run, out),
         findings_section(run, [require_run_dir(c) for c in compare],
                          Path(resid_sim_dir) if resid_sim_dir else run / "analysis"),
+        pareto_section(run, out),
         analysis_section(run, out), prompts_section(run, out),
         resid_sim_section(out, Path(resid_sim_dir) if resid_sim_dir else run / "analysis"),
         latents_section(run, out, n_latents),
@@ -399,6 +402,21 @@ def report(run: str | Path, out: str | Path | None = None,
     index = out / "index.html"
     index.write_text(page, encoding="utf-8")
     return index
+
+
+def pareto_section(run: Path, out: Path) -> str:
+    """The matched-L0 comparison of `mlsae pareto` this run belongs to (if any)."""
+    folder = next((f for f in (run.parent, run) if (f / "pareto.png").is_file()), None)
+    if folder is None:
+        return ""
+    res = _read_json(folder / "pareto.json") or {}
+    rows = [(arch, kind, f"{l0:.2f}", f"{fvu:.4f}", f"{dce:.4f}")
+            for arch, kinds in (res.get("curves") or {}).items()
+            for kind, pts in kinds.items() for l0, fvu, dce in pts]
+    return ("<h2>Architectures at matched L0</h2>"
+            + figure(out, folder / "pareto.png", "pareto.png",
+                     f"FVU and dCE against L0, {folder}/pareto.csv")
+            + table(("architecture", "kind", "L0", "FVU", "dCE"), rows, left=(0, 1)))
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
