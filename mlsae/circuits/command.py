@@ -58,7 +58,7 @@ class GraphConfig:
     """pruning: keep the nodes holding this share of the total influence"""
     edge_threshold: float = 0.98
     """pruning: keep the edges holding this share of the edge influence"""
-    means_tokens: int = 2048
+    means_tokens: int = 1024
     """held-out tokens the latents' mean activations (for mean ablation) come from"""
     exactness_nodes: int = 8
     """frozen-mlp: source nodes whose edges the exactness check re-measures"""

@@ -361,12 +361,17 @@ function layoutGraph(data) {
   const pos = new Map();
   for (const group of cells.values()) {
     group.sort((a, b) => (b.mlsae.influence || 0) - (a.mlsae.influence || 0));
+    // a cell's nodes in a small grid, most influential first (centre-left, top)
+    const per = Math.max(1, Math.floor((colW - 6) / 8));
+    const nrow = Math.ceil(group.length / per);
+    const dy = Math.min(6, (rowH - 4) / Math.max(nrow, 1));
     group.forEach((n, i) => {
       const r = rows.indexOf(n.layer);
-      const spread = Math.min(6, (colW - 8) / Math.max(group.length, 1));
-      const x = left + colW * (n.ctx_idx + 0.5) + (i - (group.length - 1) / 2) * spread;
-      const y = top + rowH * (rows.length - 1 - r + 0.5);
-      const rad = n.mlsae.kind === "logit" ? 7 : 2 + 7 * Math.sqrt(Math.abs(n.mlsae.influence || 0) / maxInfl);
+      const ix = i % per, iy = Math.floor(i / per);
+      const inRow = Math.min(per, group.length - iy * per);
+      const x = left + colW * (n.ctx_idx + 0.5) + (ix - (inRow - 1) / 2) * 8;
+      const y = top + rowH * (rows.length - 1 - r + 0.5) + (iy - (nrow - 1) / 2) * dy;
+      const rad = n.mlsae.kind === "logit" ? 7 : 1.5 + 5 * Math.sqrt(Math.abs(n.mlsae.influence || 0) / maxInfl);
       pos.set(n.node_id, { x, y, r: rad });
     });
   }
