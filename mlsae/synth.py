@@ -200,6 +200,45 @@ class Stats:
                                torch.cat([a for _, a in self.active]), self.n_latents)}
 
 
+class Agreement:
+    """Where a recovered direction's best-matching latent fires against where its feature
+    truly is, per (token, layer): spurious firings (latent on, feature absent) and missed
+    ones (feature present, latent off)."""
+
+    def __init__(self, recovered: Tensor, row: Tensor):
+        self.f_ids = recovered.nonzero().squeeze(1)  # [m] recovered features
+        self.latents = row[self.f_ids]  # [m] their latents
+        self.on = self.spurious = self.missed = self.true_on = 0
+        self.rel: list[Tensor] = []
+        self.sum = torch.zeros(len(self.f_ids), dtype=torch.float64)
+        self.count = torch.zeros(len(self.f_ids), dtype=torch.float64)
+
+    def update(self, tidx: Tensor, tacts: Tensor, code, n_features: int, n_latents: int
+               ) -> None:
+        truth = torch.zeros(*tidx.shape[:-1], n_features).scatter_add_(-1, tidx, tacts)
+        a = code.dense(n_latents)[..., self.latents]  # [L, T, m]
+        t = truth[..., self.f_ids] > 0
+        on = a > 0
+        self.on += int(on.sum())
+        self.spurious += int((on & ~t).sum())
+        self.missed += int((t & ~on).sum())
+        self.true_on += int(t.sum())
+        self.sum += a.sum((0, 1)).double()
+        self.count += on.sum((0, 1)).double()
+        self.rel.append(torch.stack([a[on & ~t], (on & ~t).nonzero()[:, 2].float()]))
+
+    def compute(self) -> dict[str, float]:
+        mean = (self.sum / self.count.clamp_min(1)).float()
+        rel = torch.cat(self.rel, 1) if self.rel else torch.zeros(2, 0)
+        ratio = rel[0] / mean[rel[1].long()].clamp_min(1e-12)
+        nan = math.nan
+        return {"recovered_latents": len(self.f_ids),
+                "spurious_share": self.spurious / self.on if self.on else nan,
+                "spurious_rel_median": ratio.median().item() if len(ratio) else nan,
+                "spurious_rel_p90": ratio.quantile(0.9).item() if len(ratio) else nan,
+                "missed_share": self.missed / self.true_on if self.true_on else nan}
+
+
 def _spec_meta(spec: SynthSpec) -> str:
     return json.dumps(asdict(spec))
 
@@ -285,6 +324,7 @@ def synth_score(run: str | Path, cache: str | Path, tokens: int = 16_384, seed: 
     matched[row[best > MATCH]] = True
     true_st = Stats(spec.n_layers, spec.n_features)
     sae_st, matched_st = Stats(spec.n_layers, sae.n_latents), Stats(spec.n_layers, sae.n_latents)
+    agree = Agreement(best > MATCH, row)
     g = torch.Generator().manual_seed(seed)
     fvu_num = fvu_den = 0.0
     done = 0
@@ -298,6 +338,7 @@ def synth_score(run: str | Path, cache: str | Path, tokens: int = 16_384, seed: 
         x_hat = sae.decode(code)
         fvu_num += (x_hat - x).pow(2).sum().item()
         fvu_den += (x - x.mean(1, keepdim=True)).pow(2).sum().item()
+        agree.update(tidx, tacts, code, spec.n_features, sae.n_latents)
         done += n
     out = {
         "run": str(run), "cache": str(cache), "tokens": tokens, "seed": seed,
@@ -308,6 +349,7 @@ def synth_score(run: str | Path, cache: str | Path, tokens: int = 16_384, seed: 
         "matched_latents": int(matched.sum()),
         "fvu": fvu_num / fvu_den if fvu_den > 0 else math.nan,
         "true": true_st.compute(), "sae": sae_st.compute(), "sae_matched": matched_st.compute(),
+        "firing_agreement": agree.compute(),
         "true_on_cached_tokens": cached_stats,
         "best_cosine_hist": torch.histc(best.float(), bins=20, min=0, max=1).long().tolist(),
         "definitions": {
@@ -316,6 +358,12 @@ def synth_score(run: str | Path, cache: str | Path, tokens: int = 16_384, seed: 
             "sae": "the same statistics of the SAE's codes on the same tokens",
             "sae_matched": "the SAE's codes restricted to latents that are the best match "
                            f"(cosine > {MATCH}) of some true direction",
+            "firing_agreement": "for each recovered direction and its best-matching latent, "
+                                "per (token, layer): spurious_share = share of the latent's "
+                                "firings where the true feature is absent, with their "
+                                "activation / the latent's mean active activation (median, "
+                                "p90); missed_share = share of the feature's true firings "
+                                "where the latent is inactive",
         },
     }
     out = json_safe(out)
@@ -339,6 +387,10 @@ def format_score(res: dict) -> str:
     for k in keys:
         lines.append(f"  {k:<34}{fmt(res['true'][k]):>10}{fmt(res['sae'][k]):>10}"
                      f"{fmt(res['sae_matched'][k]):>10}")
+    agree = res.get("firing_agreement") or {}
+    if agree:
+        lines.append("  recovered latents vs their features: " + ", ".join(
+            f"{k} {fmt(v)}" for k, v in agree.items()))
     return "\n".join(lines)
 
 

@@ -134,3 +134,42 @@ def test_trainer_recovers_synthetic_features(run, cache, capsys):
     assert true["aggregated_over_per_token_ratio"] > 2
     assert sae["aggregated_over_per_token_ratio"] > 2
     assert 0 < sae["persistence"] < 1 and math.isfinite(sae["per_token_layer_var"])
+
+
+def test_firing_agreement_matches_a_loop():
+    from mlsae.sae import SparseCode
+    from mlsae.synth import Agreement
+
+    g = torch.Generator().manual_seed(0)
+    L, T, F, n = 3, 25, 6, 10
+    tidx = torch.randint(0, F, (L, T, 2), generator=g)
+    tacts = torch.rand(L, T, 2, generator=g) * (torch.rand(L, T, 2, generator=g) > 0.4)
+    idx = torch.stack([torch.stack([torch.randperm(n, generator=g)[:3] for _ in range(T)])
+                       for _ in range(L)])
+    acts = torch.rand(L, T, 3, generator=g) * (torch.rand(L, T, 3, generator=g) > 0.3)
+    recovered = torch.tensor([True, True, False, True, False, True])
+    row = torch.randperm(n, generator=g)[:F]
+    ag = Agreement(recovered, row)
+    code = SparseCode(acts, idx, torch.zeros(L, T, 1), torch.ones(L, T, 1))
+    ag.update(tidx, tacts, code, F, n)
+    got = ag.compute()
+    on = spurious = missed = true_on = 0
+    rel = []
+    for f in recovered.nonzero().flatten().tolist():
+        j = int(row[f])
+        vals = [(float(acts[i, t][idx[i, t] == j].sum()),
+                 float(tacts[i, t][tidx[i, t] == f].sum())) for i in range(L) for t in range(T)]
+        active = [a for a, _ in vals if a > 0]
+        mean = sum(active) / max(1, len(active))
+        for a, tr in vals:
+            on += a > 0
+            spurious += a > 0 and tr <= 0
+            missed += tr > 0 and a <= 0
+            true_on += tr > 0
+            if a > 0 and tr <= 0:
+                rel.append(a / mean)
+    assert got["spurious_share"] == pytest.approx(spurious / on)
+    assert got["missed_share"] == pytest.approx(missed / true_on)
+    assert got["spurious_rel_median"] == pytest.approx(float(torch.tensor(rel).median()),
+                                                       rel=1e-5)
+    assert 0 < spurious < on and 0 < missed < true_on
