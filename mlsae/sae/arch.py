@@ -22,6 +22,7 @@ ARCHITECTURES: dict[str, type[Architecture]] = {}
 
 
 def register(cls: type[Architecture]) -> type[Architecture]:
+    """Class decorator: make an architecture available under its `name` (`--arch`)."""
     ARCHITECTURES[cls.name] = cls
     return cls
 
@@ -81,6 +82,7 @@ class Architecture:
         return []
 
     def config(self) -> dict:
+        """The options as config.json records them (the MLSAE's `arch_options`)."""
         return dict(self.opts)
 
 
@@ -124,6 +126,7 @@ class RunningThreshold(ThresholdInference):
 
 
 def make(name: str, opts: dict | None = None) -> Architecture:
+    """The architecture `name` with `opts` (unknown keys ignored: a config holds them all)."""
     from mlsae.errors import UserError
 
     if name not in ARCHITECTURES:

@@ -43,5 +43,3 @@ class Matryoshka(BatchTopK):
     def prefixes(self, sae) -> list[int]:
         return parse_widths(self.opts["matryoshka_widths"], sae.n_latents)
 
-    def config(self) -> dict:
-        return {**self.opts, "matryoshka_widths": self.opts["matryoshka_widths"]}
