@@ -118,7 +118,10 @@ def _rank(rank: int, port: int, q) -> None:
     grads = [p.grad.clone() for p in sae.parameters()]
     for g in grads:
         dist.all_reduce(g)
-    q.put((rank, out.err, out.var, out.aux_loss, out.fired, out.l0, out.n_tokens, grads))
+    # numpy arrays travel by value: a torch tensor in a Queue is passed as a file descriptor
+    # that the parent can only fetch while this process lives (a reset under load)
+    q.put((rank, out.err.numpy(), out.var.numpy(), out.aux_loss, out.fired.numpy(),
+           out.l0.numpy(), out.n_tokens, [g.numpy() for g in grads]))
     dist.barrier()
     dist.destroy_process_group()
 
@@ -142,6 +145,8 @@ def test_ddp_reductions_make_two_ranks_equal_one_process():
     ref = loss(sae, x, dead, auxk=AUXK, auxk_coef=0.5)
     ref.loss.backward()
     for _rank_id, err, var, aux, fired, l0, n_tok, grads in got:
+        err, var, fired, l0 = (torch.from_numpy(a) for a in (err, var, fired, l0))
+        grads = [torch.from_numpy(g) for g in grads]
         assert n_tok == T
         torch.testing.assert_close(err, ref.err)
         torch.testing.assert_close(var, ref.var)
