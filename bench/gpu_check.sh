@@ -5,6 +5,7 @@
 #   2b. several checkpoints in one `mlsae eval` (a tiny sweep + a baselines folder) against
 #      each alone, float32 (prints the largest difference; cuBLAS may pick other kernels for
 #      other batch sizes, so a difference up to 1e-4 relative passes) and --dtype auto (bf16)
+#   2c. every SAE architecture: training-step gradients and inference latents, cuda vs cpu
 #   3. a 1-process torchrun run with the nccl backend
 #   4. W1 throughput, mlsae vs EleutherAI sparsify (Triton kernels on), as a ratio
 # Prints one summary table and exits non-zero on any failure.
@@ -102,6 +103,31 @@ assert auto["lm_dtype"] in ("bfloat16", "float32")
 EOF
 }
 
+archs_cuda() {  # every architecture's training step and inference on cuda == on cpu
+  "$PY" - <<'PY'
+import torch
+from mlsae.sae import ARCHITECTURES, MLSAE
+torch.manual_seed(0)
+x = torch.randn(4 * 512, 64)
+for arch in ARCHITECTURES:
+    cpu = MLSAE(64, 512, 8, architecture=arch)
+    with torch.no_grad():
+        cpu.b_enc.normal_(0, 0.3)
+        if arch != "topk":
+            cpu.threshold.fill_(0.5)
+    gpu = MLSAE.from_checkpoint(cpu.full_config(), cpu.state_dict(), device="cuda")
+    for sae, xx in ((cpu, x), (gpu, x.cuda())):
+        out = sae.forward_train(xx, n_layers=4)
+        (out.err.sum() + sum(e.sum() for e in out.prefix_err)).backward()
+    a, b = cpu.encode(x), gpu.encode(x.cuda())
+    same = torch.equal(a.dense(512) > 0, b.dense(512).cpu() > 0)
+    worst = max(float((p.grad - q.grad.cpu()).abs().max() / (p.grad.abs().max() + 1e-12))
+                for p, q in zip(cpu.parameters(), gpu.parameters()))
+    print(f"{arch}: same inference latents {same}, largest relative grad difference {worst:.1e}")
+    assert same and worst < 1e-3, arch
+PY
+}
+
 torchrun_nccl() {
   tiny_model || return 1
   "$PY" -m torch.distributed.run --nproc_per_node 1 -m mlsae train --model "$OUT/tiny" \
@@ -117,6 +143,7 @@ if [ "${RESULTS[0]}" = PASS ]; then
   step tiny_train_eval_analyze tiny_cli
   step smollm2_train_eval_analyze smollm2_cli
   step eval_many_cuda eval_many_cuda
+  step archs_cuda archs_cuda
   step torchrun_nccl torchrun_nccl
   step w1_vs_sparsify "$PY" bench/gpu_w1.py --device cuda --steps 20
 fi
