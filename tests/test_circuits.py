@@ -290,7 +290,7 @@ def test_causal_metrics_against_a_by_hand_splice(sae, tiny_lm, run_dir):
     on = dense > 0
     dense[on] = means[3].expand_as(dense)[on]
     x[lc.inc] = sae.decode_dense(dense, code) + lc.err
-    want_logits = tiny_lm.unembed(x)[-1]
+    want_logits = tiny_lm.unembed(x)[-1].detach()
     want = float(want_logits[TARGET.token] - want_logits[TARGET.contrast])
     assert abs(got - want) < 1e-4
     pr = prune(g)
@@ -303,6 +303,67 @@ def test_causal_metrics_against_a_by_hand_splice(sae, tiny_lm, run_dir):
     assert sizes == sorted(sizes)
     # completeness of the circuit plus faithfulness of the rest are one measurement
     assert math.isfinite(res["faithfulness"]) and math.isfinite(res["completeness"])
+
+
+def _by_hand_layer2_ablation(sae, tiny_lm, cap, g, means, reencode):
+    """The metric with layer 2's latent nodes at their means, by hand: layer 2 rebuilt from
+    its clean code, blocks 3 run by the LM (resid_from), layer 3 spliced by hand (its clean
+    active set re-evaluated, or the SAE re-encoding), then the unembedding."""
+    lc2, lc3 = cap.codes[2], cap.codes[3]
+    dense = lc2.code.dense(N)
+    on = dense > 0
+    dense[on] = means[2].expand_as(dense)[on]
+    x2 = cap.resid[2].clone()
+    x2[lc2.inc] = sae.decode_dense(dense, lc2.code) + lc2.err
+    x3 = tiny_lm.resid_from(IDS, 2, x2[None], 3)[0]
+    if reencode:
+        code = sae.encode(x3[lc3.inc])
+    else:
+        xt, mu, std = sae.preprocess(x3[lc3.inc])
+        pre = ((xt - sae.b_dec) @ sae.W_enc + sae.b_enc).gather(-1, lc3.code.idx)
+        code = type(lc3.code)(torch.where(lc3.code.acts > 0, pre.clamp_min(0), 0.0),
+                              lc3.code.idx, mu, std)
+    x3 = x3.clone()
+    x3[lc3.inc] = sae.decode(code) + lc3.err
+    out = tiny_lm.unembed(x3)[-1].detach()
+    return float(out[TARGET.token] - out[TARGET.contrast])
+
+
+@pytest.mark.parametrize("active_set", ["frozen", "re-encoded"])
+def test_ablation_below_the_last_layer_by_hand(sae, tiny_lm, active_set):
+    cap, g = build(sae, tiny_lm, (0, 1, 2, 3), "jacobian")
+    means = torch.rand(4, N, generator=torch.Generator().manual_seed(1)) * 0.3
+    lat = (g.kind == LATENT).nonzero()[:, 0]
+    at2 = lat[g.layer[lat] == 2]
+    direction = TARGET.direction(cap.logits.shape[-1])
+    got = ablated_metric(sae, tiny_lm, cap, means, _ablate_masks(g, cap, at2, N), direction,
+                         active_set)
+    want = _by_hand_layer2_ablation(sae, tiny_lm, cap, g, means, active_set == "re-encoded")
+    assert abs(got - want) < 1e-4
+    other = _by_hand_layer2_ablation(sae, tiny_lm, cap, g, means, active_set == "frozen")
+    assert abs(got - other) > 1e-4  # the two active-set rules are two computations
+
+
+def test_linearised_ablation_is_the_graph_in_frozen_mlp_mode(sae, tiny_lm):
+    """In the linearised model of a frozen-mlp graph, moving latent u from a_u to its mean m_u
+    moves the metric by (m_u - a_u) / a_u x the sum over paths of edge products."""
+    cap, g = build(sae, tiny_lm, (0, 1, 2, 3), "frozen-mlp")
+    means = torch.rand(4, N, generator=torch.Generator().manual_seed(2)) * 0.3
+    direction = TARGET.direction(cap.logits.shape[-1])
+    clean = float(cap.logits[-1] @ direction)
+    top = g.blocks[-1]  # edges into the target
+    b3 = g.blocks[-2]  # edges into layer 3
+    lat = (g.kind == LATENT).nonzero()[:, 0]
+    for u in lat[g.layer[lat] == 2][:5].tolist():
+        m = ablated_metric(sae, tiny_lm, cap, means, _ablate_masks(g, cap, torch.tensor([u]), N),
+                           direction, model="linearised", mode="frozen-mlp")
+        col = int((b3.src == u).nonzero()[0, 0])
+        a3 = g.activation[b3.tgt]
+        where = {int(n): c for c, n in enumerate(top.src)}
+        w_t = top.W[0][[where[int(v)] for v in b3.tgt]]
+        paths = float((b3.W[:, col] * w_t / a3).sum())
+        a_u, m_u = float(g.activation[u]), float(means[2, int(g.latent[u])])
+        assert abs((m - clean) - (m_u - a_u) / a_u * paths) < 1e-4 * max(1.0, abs(paths))
 
 
 def test_exactness_check_in_frozen_mlp_mode(sae, tiny_lm):

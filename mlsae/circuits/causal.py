@@ -28,12 +28,12 @@ from torch import Tensor
 
 from mlsae.activations.capture import exclude_outliers
 from mlsae.circuits.attribution import EMBEDDING, ERROR, LATENT, MLP, Graph
-from mlsae.circuits.linear import Capture, clean_sources, frozen_forward
+from mlsae.circuits.linear import Capture, clean_sources, frozen, frozen_forward, pre_activations
 from mlsae.data import include_mask
 from mlsae.lm import LanguageModel
 from mlsae.options import TextOptions
 from mlsae.runs import eval_batches
-from mlsae.sae import MLSAE
+from mlsae.sae import MLSAE, SparseCode
 
 CURVE_SIZES = (10, 20, 50, 100, 200, 500, 1000, 2000)
 
@@ -72,11 +72,30 @@ def _ablate_masks(graph: Graph, cap: Capture, nodes: Tensor, n_latents: int
     return masks
 
 
+ACTIVE_SETS = ("frozen", "re-encoded")
+MODELS = ("real", "linearised")
+
+
 @torch.no_grad()
 def ablated_metric(sae: MLSAE, lm: LanguageModel, cap: Capture, means: Tensor,
-                   ablate: dict[int, Tensor] | None, direction: Tensor) -> float:
-    """The metric on the real model with, at every spliced layer, the latents in `ablate`
-    replaced by their means (None: nothing replaced) and the clean error term added."""
+                   ablate: dict[int, Tensor] | None, direction: Tensor,
+                   active_set: str = "frozen", model: str = "real",
+                   mode: str = "jacobian") -> float:
+    """The metric with, at every spliced layer, the latents in `ablate` replaced by their
+    means (None: nothing replaced) and the clean error term added.
+    `active_set` "frozen": each layer's code keeps the prompt's active set (the graph's
+    nodes), each active latent's value being its ReLU'd pre-activation on what arrives
+    there, every other latent 0; "re-encoded": the SAE encodes what arrives there (new
+    latents may become active; they are never ablated).
+    `model` "real": the LM as it is; "linearised": the graph's own model (attention
+    patterns, norm scales and the SAE's mu and std frozen at the prompt, an active latent's
+    value its pre-activation; in frozen-mlp `mode` the MLP outputs fixed too), as
+    circuit-tracer's constrained interventions freeze patterns and norm denominators."""
+    if active_set not in ACTIVE_SETS:
+        raise ValueError(f"active_set {active_set!r}: choose one of {ACTIVE_SETS}")
+    if model not in MODELS:
+        raise ValueError(f"model {model!r}: choose one of {MODELS}")
+    lin = model == "linearised"
     handles = []
 
     def hook_for(i, v):
@@ -85,7 +104,18 @@ def ablated_metric(sae: MLSAE, lm: LanguageModel, cap: Capture, means: Tensor,
         def hook(_m, _a, o):
             h = o[0] if isinstance(o, tuple) else o
             x = h[0].float()
-            code = sae.encode(x[lc.inc])
+            if lin:  # linear in x: the clean mu and std, the clean active set, no ReLU
+                pre = pre_activations(sae, lc, x)
+                code = SparseCode(torch.where(lc.code.acts > 0, pre, 0.0), lc.code.idx,
+                                  lc.code.mu, lc.code.std)
+            elif active_set == "frozen":
+                xt, mu, std = sae.preprocess(x[lc.inc])
+                pre = ((xt - sae.b_dec.float()) @ sae.W_enc.float()
+                       + sae.b_enc.float()).gather(-1, lc.code.idx)
+                acts = torch.where(lc.code.acts > 0, pre.clamp_min(0), 0.0)
+                code = SparseCode(acts, lc.code.idx, mu, std)
+            else:
+                code = sae.encode(x[lc.inc])
             dense = code.dense(sae.n_latents)
             if ablate is not None:
                 dense = torch.where(ablate[v][lc.inc.cpu()].to(dense.device),
@@ -100,7 +130,11 @@ def ablated_metric(sae: MLSAE, lm: LanguageModel, cap: Capture, means: Tensor,
     for i, v in enumerate(cap.layers):
         handles.append(lm.blocks[v].register_forward_hook(hook_for(i, v)))
     try:
-        logits = lm.model(input_ids=cap.ids, use_cache=False).logits[0, -1].float()
+        if lin:
+            with frozen(lm, cap, cap.mlp_out if mode == "frozen-mlp" else None):
+                logits = lm.model(input_ids=cap.ids, use_cache=False).logits[0, -1].float()
+        else:
+            logits = lm.model(input_ids=cap.ids, use_cache=False).logits[0, -1].float()
     finally:
         for h in handles:
             h.remove()
@@ -109,7 +143,8 @@ def ablated_metric(sae: MLSAE, lm: LanguageModel, cap: Capture, means: Tensor,
 
 def causal_checks(sae: MLSAE, lm: LanguageModel, cap: Capture, graph: Graph, means: Tensor,
                   circuit: Tensor, influence: Tensor,
-                  sizes: tuple[int, ...] = CURVE_SIZES) -> dict:
+                  sizes: tuple[int, ...] = CURVE_SIZES, active_set: str = "frozen",
+                  model: str = "real") -> dict:
     """Faithfulness and completeness of `circuit` (latent node ids), and the faithfulness of
     the top-n latents by `influence` for each n in `sizes` (the curve)."""
     direction = graph.target.direction(cap.logits.shape[-1])
@@ -119,7 +154,7 @@ def causal_checks(sae: MLSAE, lm: LanguageModel, cap: Capture, graph: Graph, mea
     # reproduces the clean forward: tested), so no forward is spent on it
     m_full = float(cap.logits[-1] @ direction.to(cap.logits.device))
     m_empty = ablated_metric(sae, lm, cap, means, _ablate_masks(graph, cap, latents, n_lat),
-                             direction)
+                             direction, active_set, model, graph.mode)
     denom = m_full - m_empty
 
     def faith(chosen: Tensor, invert: bool = False) -> tuple[float, float]:
@@ -127,7 +162,7 @@ def causal_checks(sae: MLSAE, lm: LanguageModel, cap: Capture, graph: Graph, mea
         inside[chosen] = True
         ablate = latents[inside[latents]] if invert else latents[~inside[latents]]
         m = ablated_metric(sae, lm, cap, means, _ablate_masks(graph, cap, ablate, n_lat),
-                           direction)
+                           direction, active_set, model, graph.mode)
         return m, (m - m_empty) / denom if abs(denom) > 1e-12 else float("nan")
 
     m_c, f_c = faith(circuit)
@@ -139,7 +174,8 @@ def causal_checks(sae: MLSAE, lm: LanguageModel, cap: Capture, graph: Graph, mea
         curve.append({"latents": n, "metric": m, "faithfulness": f})
     return {"metric_full": m_full, "metric_empty": m_empty, "metric_circuit": m_c,
             "faithfulness": f_c, "metric_without_circuit": m_comp, "completeness": f_comp,
-            "circuit_latents": len(circuit), "curve": curve}
+            "circuit_latents": len(circuit), "active_set": active_set, "model": model,
+            "curve": curve}
 
 
 def _scale_node(src, cap: Capture, graph: Graph, node: int, s: float) -> None:

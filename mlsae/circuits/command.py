@@ -48,7 +48,8 @@ class GraphConfig:
     contrast: str | None = None
     """with --metric logit-diff: the token whose logit is subtracted"""
     metric: str = "logit"
-    """logit (the target's logit) or logit-diff (logit(target) - logit(contrast))"""
+    """logit (the target's logit minus the mean logit) or logit-diff (logit(target) -
+    logit(contrast))"""
     mode: str = "jacobian"
     """jacobian (gradients flow through the MLPs) or frozen-mlp (each MLP output is a node;
     the graph is exactly additive)"""
@@ -187,6 +188,8 @@ class GraphSession:
             means, info = self.means()
             circuit = pr.nodes[g.kind[pr.nodes] == LATENT]
             result = causal_checks(self.sae, self.lm, cap, g, means, circuit, pr.influence)
+            result["linearised"] = causal_checks(self.sae, self.lm, cap, g, means, circuit,
+                                                 pr.influence, model="linearised")
             result["means"] = info
         t3 = time.perf_counter()
         if cfg.mode == "frozen-mlp" and cfg.exactness_nodes > 0:
@@ -255,7 +258,11 @@ def graph(run: str | Path, cfg: GraphConfig, lm: LanguageModel | None = None,
                      "pruned": m["pruned_graph"], "full": m["full_graph"],
                      "faithfulness": m["causal"]["faithfulness"],
                      "completeness": m["causal"]["completeness"],
-                     "curve": m["causal"]["curve"], "self_edges": m["self_edges"],
+                     "curve": m["causal"]["curve"],
+                     "faithfulness_linearised": m["causal"]["linearised"]["faithfulness"],
+                     "completeness_linearised": m["causal"]["linearised"]["completeness"],
+                     "curve_linearised": m["causal"]["linearised"]["curve"],
+                     "self_edges": m["self_edges"],
                      "checks": m["checks"], "seconds": m["timing"]["total_s"]})
     summary = {"run": str(session.run), "config": asdict(cfg), "prompts": rows,
                "self_edges": summarise([r["self_edges"] for r in rows]),
@@ -267,12 +274,15 @@ def graph(run: str | Path, cfg: GraphConfig, lm: LanguageModel | None = None,
 
 def _report(data: dict, out: Path) -> None:
     m = data["metadata"]["mlsae"]
-    c = m["causal"] or {"faithfulness": float("nan"), "completeness": float("nan")}
+    nan = {"faithfulness": float("nan"), "completeness": float("nan")}
+    c = m["causal"] or dict(nan, linearised=nan)
     print(f"{out}: {m['mode']}, target {m['target']['token_str']!r} "
           f"(p={m['target']['probability']:.3f}); full {m['full_graph']['nodes']} nodes / "
           f"{m['full_graph']['edges']} edges; pruned {m['pruned_graph']['nodes']} nodes "
           f"({m['pruned_graph']['latents']} latents) / {m['pruned_graph']['links']} links; "
-          f"faithfulness {c['faithfulness']:.3f}, completeness {c['completeness']:.3f}; "
+          f"faithfulness {c['faithfulness']:.3f} "
+          f"(linearised {c['linearised']['faithfulness']:.3f}), "
+          f"completeness {c['completeness']:.3f}; "
           f"{m['timing']['total_s']:.1f} s")
 
 

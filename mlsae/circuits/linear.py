@@ -242,6 +242,35 @@ class FrozenOut:
     logits: Tensor
 
 
+@contextmanager
+def frozen(lm: LanguageModel, cap: Capture, mlp: dict[int, Tensor] | None = None):
+    """Within the block the LM runs linearised at `cap`'s prompt: q/k projections return
+    their clean outputs (so every attention pattern is the clean one), every RMSNorm
+    multiplies by its clean inverse RMS, and with `mlp` ({block: [T, d]}) each MLP returns
+    that value instead of computing (frozen-mlp mode)."""
+    handles = []
+
+    def norm_hook(inv):
+        return lambda m, a, o: m.weight * (a[0].float() * inv).to(a[0].dtype)
+
+    for b, blk in enumerate(lm.blocks):
+        at = blk.self_attn
+        handles += [
+            at.q_proj.register_forward_hook(lambda m, a, o, b=b: cap.q[b][None]),
+            at.k_proj.register_forward_hook(lambda m, a, o, b=b: cap.k[b][None]),
+            blk.input_layernorm.register_forward_hook(norm_hook(cap.inv1[b][None])),
+            blk.post_attention_layernorm.register_forward_hook(norm_hook(cap.inv2[b][None])),
+        ]
+        if mlp is not None:
+            handles.append(blk.mlp.register_forward_hook(lambda m, a, o, b=b: mlp[b][None]))
+    handles.append(lm.final_norm().register_forward_hook(norm_hook(cap.inv_final[None])))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def frozen_forward(sae: MLSAE, lm: LanguageModel, cap: Capture, src: Sources,
                    mode: str) -> FrozenOut:
     """Run the LM's own forward on the prompt, linearised (module docstring), with the source
@@ -250,9 +279,6 @@ def frozen_forward(sae: MLSAE, lm: LanguageModel, cap: Capture, src: Sources,
     if mode not in MODES:
         raise UserError(f"mode {mode!r}: choose one of {', '.join(MODES)}")
     net, handles, incoming = lm.model, [], {}
-
-    def norm_hook(inv):
-        return lambda m, a, o: m.weight * (a[0].float() * inv).to(a[0].dtype)
 
     def spliced_layer(v):
         lc = cap.codes[v]
@@ -267,23 +293,13 @@ def frozen_forward(sae: MLSAE, lm: LanguageModel, cap: Capture, src: Sources,
 
         return hook
 
-    for b, blk in enumerate(lm.blocks):
-        at = blk.self_attn
-        handles += [
-            at.q_proj.register_forward_hook(lambda m, a, o, b=b: cap.q[b][None]),
-            at.k_proj.register_forward_hook(lambda m, a, o, b=b: cap.k[b][None]),
-            blk.input_layernorm.register_forward_hook(norm_hook(cap.inv1[b][None])),
-            blk.post_attention_layernorm.register_forward_hook(norm_hook(cap.inv2[b][None])),
-        ]
-        if mode == "frozen-mlp":
-            handles.append(blk.mlp.register_forward_hook(lambda m, a, o, b=b: src.mlp[b][None]))
-        if b in cap.codes:
-            handles.append(blk.register_forward_hook(spliced_layer(b)))
-    handles.append(lm.final_norm().register_forward_hook(norm_hook(cap.inv_final[None])))
+    for b in cap.codes:
+        handles.append(lm.blocks[b].register_forward_hook(spliced_layer(b)))
     handles.append(net.get_input_embeddings().register_forward_hook(
         lambda m, a, o: src.emb[None].to(o.dtype)))
     try:
-        logits = net(input_ids=cap.ids, use_cache=False).logits[0].float()
+        with frozen(lm, cap, src.mlp if mode == "frozen-mlp" else None):
+            logits = net(input_ids=cap.ids, use_cache=False).logits[0].float()
     finally:
         for h in handles:
             h.remove()
