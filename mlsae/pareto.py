@@ -194,6 +194,7 @@ def pareto(base: RunConfig, pc: ParetoConfig, progress: bool = True, lm=None) ->
     base = RunConfig.from_dict(base.to_dict())
     base.train.eval_tokens = 0  # every run is scored below, on the same text
     train_lm = lm  # None: training loads its own (in --dtype, bfloat16 where native)
+    grid(pc, base.sae.l0_coef)  # a bad grid is one line before the LM loads
     if lm is None:
         lm = load_lm(base.train.model, base.train.device, "float32", base.train.revision,
                      base.train.blocks)

@@ -398,3 +398,16 @@ def test_pareto_grid_csv_figure_and_report(tiny_lm, text_file, tmp_path):
     assert (tmp_path / "p" / "pareto.png").stat().st_size > 10_000
     page = report(tmp_path / "p" / "topk-k8").read_text()
     assert "Architectures at matched L0" in page and "pareto.png" in page
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["--archs", "topk,relu"], "--archs 'topk,relu': choose from topk, batchtopk"),
+    (["--ks", "8,x"], "--ks '8,x': use comma-separated numbers"),
+])
+def test_pareto_bad_input_is_one_line(args, msg, tiny_model_dir, tmp_path, capsys):
+    from mlsae.cli import main
+
+    code = main(["pareto", "--model", str(tiny_model_dir), "--out", str(tmp_path / "p"),
+                 *args])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and msg in err and len(err.splitlines()) == 1
