@@ -20,7 +20,7 @@ RANK = {
     "train": 4,
     "runs": 5, "evaluate": 5,
     "analysis": 6, "baselines": 6, "compare": 6, "export": 6, "synth": 6,
-    "pareto": 6,
+    "pareto": 6, "circuits": 6,
     "server": 7, "cli": 8, "__main__": 9,
 }
 
