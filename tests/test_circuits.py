@@ -19,6 +19,7 @@ from mlsae.circuits.attribution import EMBEDDING, ERROR, LATENT, LOGIT, MLP, Tar
 from mlsae.circuits.causal import (
     _ablate_masks,
     ablated_metric,
+    ablated_metrics,
     causal_checks,
     exactness,
     latent_means,
@@ -342,6 +343,24 @@ def test_ablation_below_the_last_layer_by_hand(sae, tiny_lm, active_set):
     assert abs(got - want) < 1e-4
     other = _by_hand_layer2_ablation(sae, tiny_lm, cap, g, means, active_set == "frozen")
     assert abs(got - other) > 1e-4  # the two active-set rules are two computations
+
+
+@pytest.mark.parametrize("model,active_set", [("real", "frozen"), ("real", "re-encoded"),
+                                               ("linearised", "frozen")])
+def test_batched_ablations_equal_single_ones(sae, tiny_lm, model, active_set):
+    cap, g = build(sae, tiny_lm, (0, 1, 2, 3), "frozen-mlp")
+    means = torch.rand(4, N, generator=torch.Generator().manual_seed(3)) * 0.3
+    lat = (g.kind == LATENT).nonzero()[:, 0]
+    gen = torch.Generator().manual_seed(4)
+    runs = [None] + [_ablate_masks(g, cap, lat[torch.rand(len(lat), generator=gen) < p], N)
+                     for p in (0.1, 0.5, 0.9)] * 3  # 10 runs: two batches of causal.BATCH
+    direction = TARGET.direction(cap.logits.shape[-1])
+    got = ablated_metrics(sae, tiny_lm, cap, means, runs, direction, active_set, model,
+                          "frozen-mlp")
+    want = [ablated_metric(sae, tiny_lm, cap, means, r, direction, active_set, model,
+                           "frozen-mlp") for r in runs]
+    assert got == pytest.approx(want, abs=1e-4)
+    assert len(set(round(w, 4) for w in want)) > 2
 
 
 def test_linearised_ablation_is_the_graph_in_frozen_mlp_mode(sae, tiny_lm):

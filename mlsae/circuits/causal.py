@@ -28,7 +28,7 @@ from torch import Tensor
 
 from mlsae.activations.capture import exclude_outliers
 from mlsae.circuits.attribution import EMBEDDING, ERROR, LATENT, MLP, Graph
-from mlsae.circuits.linear import Capture, clean_sources, frozen, frozen_forward, pre_activations
+from mlsae.circuits.linear import Capture, clean_sources, frozen, frozen_forward
 from mlsae.data import include_mask
 from mlsae.lm import LanguageModel
 from mlsae.options import TextOptions
@@ -76,6 +76,9 @@ ACTIVE_SETS = ("frozen", "re-encoded")
 MODELS = ("real", "linearised")
 
 
+BATCH = 8  # ablation runs per LM forward
+
+
 @torch.no_grad()
 def ablated_metric(sae: MLSAE, lm: LanguageModel, cap: Capture, means: Tensor,
                    ablate: dict[int, Tensor] | None, direction: Tensor,
@@ -91,54 +94,79 @@ def ablated_metric(sae: MLSAE, lm: LanguageModel, cap: Capture, means: Tensor,
     patterns, norm scales and the SAE's mu and std frozen at the prompt, an active latent's
     value its pre-activation; in frozen-mlp `mode` the MLP outputs fixed too), as
     circuit-tracer's constrained interventions freeze patterns and norm denominators."""
+    return ablated_metrics(sae, lm, cap, means, [ablate], direction, active_set, model,
+                           mode)[0]
+
+
+@torch.no_grad()
+def ablated_metrics(sae: MLSAE, lm: LanguageModel, cap: Capture, means: Tensor,
+                    ablates: list[dict[int, Tensor] | None], direction: Tensor,
+                    active_set: str = "frozen", model: str = "real",
+                    mode: str = "jacobian") -> list[float]:
+    """`ablated_metric` of several ablations, BATCH at a time in one batched LM forward
+    (each batch row one ablation; rows never mix: attention stays within a row)."""
     if active_set not in ACTIVE_SETS:
         raise ValueError(f"active_set {active_set!r}: choose one of {ACTIVE_SETS}")
     if model not in MODELS:
         raise ValueError(f"model {model!r}: choose one of {MODELS}")
-    lin = model == "linearised"
-    handles = []
+    out: list[float] = []
+    for c in range(0, len(ablates), BATCH):
+        out += _ablated_batch(sae, lm, cap, means, ablates[c:c + BATCH], direction,
+                              active_set, model == "linearised", mode)
+    return out
+
+
+def _ablated_batch(sae: MLSAE, lm: LanguageModel, cap: Capture, means: Tensor,
+                   ablates: list[dict[int, Tensor] | None], direction: Tensor,
+                   active_set: str, lin: bool, mode: str) -> list[float]:
+    B, handles = len(ablates), []
+    W_enc, b_enc, b_dec = sae.W_enc.float(), sae.b_enc.float(), sae.b_dec.float()
 
     def hook_for(i, v):
         lc = cap.codes[v]
+        idx = lc.code.idx.expand(B, -1, -1)
+        on = (lc.code.acts > 0).expand(B, -1, -1)
+        inc = lc.inc.cpu()
+        masks = torch.stack([a[v][inc] if a is not None else
+                             torch.zeros(int(inc.sum()), sae.n_latents, dtype=torch.bool)
+                             for a in ablates]).to(idx.device)  # [B, n_inc, n_latents]
 
         def hook(_m, _a, o):
             h = o[0] if isinstance(o, tuple) else o
-            x = h[0].float()
+            x = h.float()[:, lc.inc]  # [B, n_inc, d]
             if lin:  # linear in x: the clean mu and std, the clean active set, no ReLU
-                pre = pre_activations(sae, lc, x)
-                code = SparseCode(torch.where(lc.code.acts > 0, pre, 0.0), lc.code.idx,
-                                  lc.code.mu, lc.code.std)
+                xt = (x - lc.code.mu) / (lc.code.std + sae.eps)
+                mu, std = lc.code.mu.expand(B, -1, -1), lc.code.std.expand(B, -1, -1)
+                pre = ((xt - b_dec) @ W_enc + b_enc).gather(-1, idx)
+                code = SparseCode(torch.where(on, pre, 0.0), idx, mu, std)
             elif active_set == "frozen":
-                xt, mu, std = sae.preprocess(x[lc.inc])
-                pre = ((xt - sae.b_dec.float()) @ sae.W_enc.float()
-                       + sae.b_enc.float()).gather(-1, lc.code.idx)
-                acts = torch.where(lc.code.acts > 0, pre.clamp_min(0), 0.0)
-                code = SparseCode(acts, lc.code.idx, mu, std)
+                xt, mu, std = sae.preprocess(x)
+                pre = ((xt - b_dec) @ W_enc + b_enc).gather(-1, idx)
+                code = SparseCode(torch.where(on, pre.clamp_min(0), 0.0), idx, mu, std)
             else:
-                code = sae.encode(x[lc.inc])
+                code = sae.encode(x)
             dense = code.dense(sae.n_latents)
-            if ablate is not None:
-                dense = torch.where(ablate[v][lc.inc.cpu()].to(dense.device),
-                                    means[i].to(dense.device), dense)
-            new = x.clone()
-            new[lc.inc] = sae.decode_dense(dense, code) + lc.err
-            out = new[None].to(h.dtype)
-            return (out,) + tuple(o[1:]) if isinstance(o, tuple) else out
+            dense = torch.where(masks, means[i].to(dense.device), dense)
+            new = h.float().clone()
+            new[:, lc.inc] = sae.decode_dense(dense, code) + lc.err
+            res = new.to(h.dtype)
+            return (res,) + tuple(o[1:]) if isinstance(o, tuple) else res
 
         return hook
 
     for i, v in enumerate(cap.layers):
         handles.append(lm.blocks[v].register_forward_hook(hook_for(i, v)))
+    ids = cap.ids.expand(B, -1)
     try:
         if lin:
-            with frozen(lm, cap, cap.mlp_out if mode == "frozen-mlp" else None):
-                logits = lm.model(input_ids=cap.ids, use_cache=False).logits[0, -1].float()
+            with frozen(lm, cap, cap.mlp_out if mode == "frozen-mlp" else None, batch=B):
+                logits = lm.model(input_ids=ids, use_cache=False).logits[:, -1].float()
         else:
-            logits = lm.model(input_ids=cap.ids, use_cache=False).logits[0, -1].float()
+            logits = lm.model(input_ids=ids, use_cache=False).logits[:, -1].float()
     finally:
         for h in handles:
             h.remove()
-    return float(logits @ direction.to(logits.device))
+    return (logits @ direction.to(logits.device)).tolist()
 
 
 def causal_checks(sae: MLSAE, lm: LanguageModel, cap: Capture, graph: Graph, means: Tensor,
@@ -153,25 +181,26 @@ def causal_checks(sae: MLSAE, lm: LanguageModel, cap: Capture, graph: Graph, mea
     # m(M) is the clean metric (the splice with every latent kept and the clean error
     # reproduces the clean forward: tested), so no forward is spent on it
     m_full = float(cap.logits[-1] @ direction.to(cap.logits.device))
-    m_empty = ablated_metric(sae, lm, cap, means, _ablate_masks(graph, cap, latents, n_lat),
-                             direction, active_set, model, graph.mode)
-    denom = m_full - m_empty
 
-    def faith(chosen: Tensor, invert: bool = False) -> tuple[float, float]:
+    def ablation(chosen: Tensor, invert: bool = False) -> dict[int, Tensor]:
         inside = torch.zeros(graph.n_nodes, dtype=torch.bool)
         inside[chosen] = True
         ablate = latents[inside[latents]] if invert else latents[~inside[latents]]
-        m = ablated_metric(sae, lm, cap, means, _ablate_masks(graph, cap, ablate, n_lat),
-                           direction, active_set, model, graph.mode)
-        return m, (m - m_empty) / denom if abs(denom) > 1e-12 else float("nan")
+        return _ablate_masks(graph, cap, ablate, n_lat)
 
-    m_c, f_c = faith(circuit)
-    m_comp, f_comp = faith(circuit, invert=True)
     order = latents[torch.argsort(influence[latents], descending=True)]
-    curve = []
-    for n in [s for s in sizes if s < len(order)] + [len(order)]:
-        m, f = faith(order[:n])
-        curve.append({"latents": n, "metric": m, "faithfulness": f})
+    ns = [s for s in sizes if s < len(order)] + [len(order)]
+    runs = [_ablate_masks(graph, cap, latents, n_lat), ablation(circuit),
+            ablation(circuit, invert=True)] + [ablation(order[:n]) for n in ns]
+    ms = ablated_metrics(sae, lm, cap, means, runs, direction, active_set, model, graph.mode)
+    m_empty, m_c, m_comp = ms[:3]
+    denom = m_full - m_empty
+
+    def faith(m: float) -> float:
+        return (m - m_empty) / denom if abs(denom) > 1e-12 else float("nan")
+
+    f_c, f_comp = faith(m_c), faith(m_comp)
+    curve = [{"latents": n, "metric": m, "faithfulness": faith(m)} for n, m in zip(ns, ms[3:])]
     return {"metric_full": m_full, "metric_empty": m_empty, "metric_circuit": m_c,
             "faithfulness": f_c, "metric_without_circuit": m_comp, "completeness": f_comp,
             "circuit_latents": len(circuit), "active_set": active_set, "model": model,

@@ -243,11 +243,13 @@ class FrozenOut:
 
 
 @contextmanager
-def frozen(lm: LanguageModel, cap: Capture, mlp: dict[int, Tensor] | None = None):
+def frozen(lm: LanguageModel, cap: Capture, mlp: dict[int, Tensor] | None = None,
+           batch: int = 1):
     """Within the block the LM runs linearised at `cap`'s prompt: q/k projections return
     their clean outputs (so every attention pattern is the clean one), every RMSNorm
     multiplies by its clean inverse RMS, and with `mlp` ({block: [T, d]}) each MLP returns
-    that value instead of computing (frozen-mlp mode)."""
+    that value instead of computing (frozen-mlp mode). `batch`: rows of the forward (each
+    row the prompt)."""
     handles = []
 
     def norm_hook(inv):
@@ -256,8 +258,10 @@ def frozen(lm: LanguageModel, cap: Capture, mlp: dict[int, Tensor] | None = None
     for b, blk in enumerate(lm.blocks):
         at = blk.self_attn
         handles += [
-            at.q_proj.register_forward_hook(lambda m, a, o, b=b: cap.q[b][None]),
-            at.k_proj.register_forward_hook(lambda m, a, o, b=b: cap.k[b][None]),
+            at.q_proj.register_forward_hook(
+                lambda m, a, o, b=b: cap.q[b][None].expand(batch, -1, -1)),
+            at.k_proj.register_forward_hook(
+                lambda m, a, o, b=b: cap.k[b][None].expand(batch, -1, -1)),
             blk.input_layernorm.register_forward_hook(norm_hook(cap.inv1[b][None])),
             blk.post_attention_layernorm.register_forward_hook(norm_hook(cap.inv2[b][None])),
         ]
