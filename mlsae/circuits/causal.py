@@ -134,21 +134,25 @@ def _ablated_batch(sae: MLSAE, lm: LanguageModel, cap: Capture, means: Tensor,
         def hook(_m, _a, o):
             h = o[0] if isinstance(o, tuple) else o
             x = h.float()[:, lc.inc]  # [B, n_inc, d]
-            if lin:  # linear in x: the clean mu and std, the clean active set, no ReLU
-                xt = (x - lc.code.mu) / (lc.code.std + sae.eps)
-                mu, std = lc.code.mu.expand(B, -1, -1), lc.code.std.expand(B, -1, -1)
-                pre = ((xt - b_dec) @ W_enc + b_enc).gather(-1, idx)
-                code = SparseCode(torch.where(on, pre, 0.0), idx, mu, std)
-            elif active_set == "frozen":
-                xt, mu, std = sae.preprocess(x)
-                pre = ((xt - b_dec) @ W_enc + b_enc).gather(-1, idx)
-                code = SparseCode(torch.where(on, pre.clamp_min(0), 0.0), idx, mu, std)
-            else:
+            if active_set == "re-encoded" and not lin:
                 code = sae.encode(x)
-            dense = code.dense(sae.n_latents)
-            dense = torch.where(masks, means[i].to(dense.device), dense)
+                dense = torch.where(masks, means[i].to(x.device), code.dense(sae.n_latents))
+                recon = sae.decode_dense(dense, code)
+            else:  # the clean active set: only its slots can be non-zero, or be ablated
+                if lin:  # linear in x: the clean mu and std, no ReLU
+                    xt = (x - lc.code.mu) / (lc.code.std + sae.eps)
+                    mu, std = lc.code.mu.expand(B, -1, -1), lc.code.std.expand(B, -1, -1)
+                else:
+                    xt, mu, std = sae.preprocess(x)
+                # pre-activations of the active set only: [B, n_inc, d] x [n_inc, d, width]
+                pre = torch.einsum("bnd,ndw->bnw", xt - b_dec, W_enc.T[lc.code.idx]
+                                   .transpose(1, 2)) + b_enc[lc.code.idx]
+                acts = torch.where(on, pre if lin else pre.clamp_min(0), 0.0)
+                acts = torch.where(masks.gather(-1, idx) & on, means[i].to(x.device)[idx],
+                                   acts)
+                recon = sae.decode(SparseCode(acts, idx, mu, std))
             new = h.float().clone()
-            new[:, lc.inc] = sae.decode_dense(dense, code) + lc.err
+            new[:, lc.inc] = recon + lc.err
             res = new.to(h.dtype)
             return (res,) + tuple(o[1:]) if isinstance(o, tuple) else res
 
@@ -160,9 +164,11 @@ def _ablated_batch(sae: MLSAE, lm: LanguageModel, cap: Capture, means: Tensor,
     try:
         if lin:
             with frozen(lm, cap, cap.mlp_out if mode == "frozen-mlp" else None, batch=B):
-                logits = lm.model(input_ids=ids, use_cache=False).logits[:, -1].float()
+                logits = lm.model(input_ids=ids, use_cache=False,
+                                  logits_to_keep=1).logits[:, -1].float()
         else:
-            logits = lm.model(input_ids=ids, use_cache=False).logits[:, -1].float()
+            logits = lm.model(input_ids=ids, use_cache=False,
+                              logits_to_keep=1).logits[:, -1].float()
     finally:
         for h in handles:
             h.remove()
