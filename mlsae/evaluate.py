@@ -743,8 +743,9 @@ def evaluate_many(checkpoints: Sequence[str | Path], opts: TextOptions,
     for batch_list, members in groups:
         if progress:
             cfg, tokens = setup[members[0]]
-            print(f"evaluating {len(members)} checkpoint{'s' if len(members) > 1 else ''} on "
-                  f"{tokens} tokens: {len(batch_list)} batches of {batch_list[0].shape[0]} x "
+            many, nb = len(members) > 1, len(batch_list)
+            print(f"evaluating {len(members)} checkpoint{'s' if many else ''} on {tokens} "
+                  f"tokens: {nb} batch{'es' if nb > 1 else ''} of {batch_list[0].shape[0]} x "
                   f"{cfg.ctx_len} ({cfg.eval_dataset or cfg.dataset}), LM {dtype} on "
                   f"{lm.device.type}", file=sys.stderr)
         means: dict[str, Tensor] = {}
