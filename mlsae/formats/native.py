@@ -1,5 +1,6 @@
 """mlsae's own checkpoint format: `config.json` + `model.safetensors` with exactly `W_enc`,
-`b_enc`, `W_dec`, `b_dec` (README, "What a run writes"). Uses the format registry and errors.
+`b_enc`, `W_dec`, `b_dec`, plus `threshold` for the architectures that have one (docs/guides/
+training.md, "What a run writes"). Uses the format registry and errors.
 """
 
 from __future__ import annotations

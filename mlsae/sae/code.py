@@ -47,6 +47,9 @@ def stack_codes(codes: list[SparseCode]) -> SparseCode:
 
 
 class ForwardOutput(NamedTuple):
+    """What `MLSAE.forward` returns: the reconstruction in the original space, the code, and
+    (training only) the AuxK pre-activations of dead latents with their ids."""
+
     x_hat: Tensor  # [..., d_model], original (un-standardized) space
     code: SparseCode
     aux_acts: Tensor | None  # [N, auxk] pre-activations of dead latents (ReLU'd), training only
@@ -55,6 +58,10 @@ class ForwardOutput(NamedTuple):
 
 
 class TrainOutput(NamedTuple):
+    """What `MLSAE.forward_train` returns: per-vector errors (full code and each Matryoshka
+    prefix), the standardized residual, the code, AuxK's inputs, the penalty and the rule's
+    inference-threshold statistic."""
+
     err: Tensor  # [N] squared reconstruction error of each vector, original space
     resid: Tensor  # [N, d_model] reconstruction - input, standardized space (no grad)
     code: SparseCode

@@ -27,7 +27,8 @@ from mlsae.train.loss import loss, update_dead_counters
 
 def checkpoint_meta(cfg: C.RunConfig, layers: list[int], lr: float, auxk: int,
                     dead_tokens: int) -> dict:
-    """The SAE config.json's keys beyond the SAE's own shape (README, "What a run writes")."""
+    """The SAE config.json's keys beyond the SAE's own shape (docs/guides/training.md,
+    "What a run writes")."""
     t = cfg.train
     return {"model": t.model, "layers": layers, "hook_point": "resid_post",
             "exclude_first": cfg.data.exclude_first,
