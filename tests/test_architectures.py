@@ -411,3 +411,13 @@ def test_pareto_bad_input_is_one_line(args, msg, tiny_model_dir, tmp_path, capsy
                  *args])
     err = capsys.readouterr().err.strip()
     assert code == 2 and msg in err and len(err.splitlines()) == 1
+
+
+def test_unknown_architecture_in_a_checkpoint_is_one_line(tmp_path):
+    sae = random_sae("batchtopk")
+    sae.save_pretrained(tmp_path / "c")
+    cfg = json.loads((tmp_path / "c" / "config.json").read_text())
+    cfg["architecture"] = "mlsae_gated"
+    (tmp_path / "c" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match="architecture 'mlsae_gated' is unknown to this mlsae"):
+        MLSAE.from_pretrained(tmp_path / "c")

@@ -44,10 +44,13 @@ NORM_CONVENTIONS = ("mlsae", "unbiased_eps_div")
 
 
 def arch_name(cfg: dict) -> str:
-    """The architecture a config.json names (`mlsae_<name>`); TopK when it names none."""
-    name = str(cfg.get("architecture") or "mlsae_topk")
-    name = name.removeprefix("mlsae_")
-    return name if name in ARCHITECTURES else "topk"
+    """The architecture a config.json names (`mlsae_<name>`); TopK when it names none. A name
+    this version does not know (a newer mlsae's) is an error, never silently TopK."""
+    name = str(cfg.get("architecture") or "mlsae_topk").removeprefix("mlsae_")
+    if name not in ARCHITECTURES:
+        raise UserError(f"checkpoint architecture {cfg.get('architecture')!r} is unknown to "
+                        f"this mlsae (it reads {', '.join(ARCHITECTURES)}): upgrade mlsae")
+    return name
 
 
 class MLSAE(nn.Module):
