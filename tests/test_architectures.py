@@ -205,6 +205,7 @@ def test_jumprelu_threshold_gradient_matches_finite_differences_of_the_smoothed_
     torch.testing.assert_close(sae.threshold.grad.double(), fd, rtol=1e-3, atol=1e-3)
 
 
+@torch.no_grad()
 def test_matryoshka_loss_is_the_mean_of_prefix_fvus():
     torch.manual_seed(0)
     sae = MLSAE(16, 64, 4, architecture="matryoshka",
@@ -225,7 +226,7 @@ def test_matryoshka_loss_is_the_mean_of_prefix_fvus():
         err = (x_hat - xd).square().sum((1, 2))
         var = (xd - xd.mean(1, keepdim=True)).square().sum((1, 2))
         fvus.append((err / var).mean())
-    assert abs(float(out.loss.detach()) - float(sum(fvus) / 3)) < 1e-5
+    assert abs(float(out.loss.detach()) - float(sum(fvus).detach() / 3)) < 1e-5
     assert abs(float(out.err.sum() / 1) - float(
         sum((sae.postprocess(dense @ sae.W_dec.double() + sae.b_dec.double(), code.mu.double(),
                              code.std.double()).view(L, T, 16) - xd).square().sum((1, 2))))
