@@ -446,7 +446,7 @@ class EvalCache:
             with os.fdopen(fd, "w") as f:
                 json.dump({"n_pos": n_pos, "ce": merged}, f)
             os.replace(tmp, path)
-        except OSError:
+        except OSError:  # the cache only saves time: a read-only or full disk costs none
             pass
 
 

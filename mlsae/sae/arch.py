@@ -68,10 +68,15 @@ class Architecture:
     def init_from_batch(self, sae, xt: Tensor) -> None:
         """Data-dependent initialisation on the first batch of standardized vectors."""
 
+    def level(self, sel: Selection, acts: Tensor) -> Tensor | None:
+        """The batch statistic `after_step` tracks (a scalar; the loss takes its minimum
+        over ranks), from the training selection and activations; None: the rule has none."""
+        return None
+
     @torch.no_grad()
     def after_step(self, sae, min_kept: float) -> None:
-        """Update running statistics after an optimizer step (`min_kept`: the smallest
-        positive training activation of the global batch, inf when none)."""
+        """Update running statistics after an optimizer step (`min_kept`: the global
+        batch's `level`, inf when there is none)."""
 
     def active_rule(self, sae, per_token: bool = False) -> str:
         """One line saying when a latent counts as active, for summaries."""
@@ -114,6 +119,11 @@ class RunningThreshold(ThresholdInference):
     trainer resolves lr's default, max(0.01, 10 / steps)."""
 
     options = {"threshold_lr": 0.01}
+
+    def level(self, sel: Selection, acts: Tensor) -> Tensor:
+        """The batch's smallest kept activation (inf when nothing fired)."""
+        pos = acts[acts > 0]
+        return pos.min() if len(pos) else acts.new_tensor(torch.inf)
 
     @torch.no_grad()
     def after_step(self, sae, min_kept: float) -> None:

@@ -69,4 +69,4 @@ class TrainOutput(NamedTuple):
     aux_idx: Tensor | None
     prefix_err: list[Tensor] = []  # [N] errors of each nested prefix but the last (Matryoshka)
     penalty: Tensor | None = None  # [N] differentiable sparsity penalty (JumpReLU's L0)
-    level: Tensor | None = None  # the rule's inference-threshold statistic, if it has one
+    level: Tensor | None = None  # the batch statistic the rule's threshold tracks (`arch.level`)

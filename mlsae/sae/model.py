@@ -221,12 +221,13 @@ class MLSAE(nn.Module):
         weight = self.out_scale(code.std).square().squeeze(-1)
         err, resid = _ReconError.apply(code.acts, code.idx, self.W_dec, self.b_dec, xt, weight,
                                        sel.mask)
-        keep = sel.mask if sel.mask is not None else torch.ones_like(code.idx, dtype=torch.bool)
         prefix_err = [_ReconError.apply(code.acts, code.idx, self.W_dec, self.b_dec, xt,
-                                        weight, keep & (code.idx < m))[0]
+                                        weight, _kept(sel.mask, code.idx) & (code.idx < m))[0]
                       for m in self.arch.prefixes(self)[:-1]]
+        with torch.no_grad():
+            level = self.arch.level(sel, code.acts)
         return TrainOutput(err, resid, code, aux_acts, aux_idx, prefix_err,
-                           self.arch.penalty(self, sel), sel.level)
+                           self.arch.penalty(self, sel), level)
 
     def spliced(self, model, layers: list[int] | None = None, *, error: bool = False,
                 latents: dict[int, float] | list[int] | None = None, **kw):
@@ -373,7 +374,12 @@ class MLSAE(nn.Module):
         return repo_id
 
 
+def _kept(mask: Tensor | None, idx: Tensor) -> Tensor:
+    """The kept slots of a code: its mask, or every slot of a TopK code."""
+    return mask if mask is not None else torch.ones_like(idx, dtype=torch.bool)
 
+
+@torch.no_grad()
 def geometric_median(x: Tensor, iters: int = 30, tol: float = 1e-6) -> Tensor:
     """Weiszfeld's algorithm for the geometric median of rows of `x [N, d]`."""
     x = x.float()

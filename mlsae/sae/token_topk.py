@@ -14,6 +14,8 @@ model).
 
 from __future__ import annotations
 
+from torch import Tensor
+
 from mlsae.sae.arch import RunningThreshold, register
 from mlsae.sae.ops import Selection, group_topk
 
@@ -30,6 +32,11 @@ class TokenTopK(RunningThreshold):
             return super().active_rule(sae)
         return (f"token-topk: the k x L = {sae.k} x L largest ReLU'd pre-activations over "
                 "each token's L layer vectors together, acts > 0")
+
+    def level(self, sel: Selection, acts) -> Tensor:
+        """The k x N-th largest z+ of the batch (`group_topk`'s level), not the smallest
+        kept activation (module docstring)."""
+        return sel.level.clamp_min(0)
 
     def select(self, sae, xc, *, train, n_layers, matmul_dtype, dead, auxk) -> Selection:
         if n_layers is None:  # vectors without their token's other layers: threshold form

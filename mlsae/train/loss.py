@@ -31,7 +31,7 @@ class LossOutput(NamedTuple):
     fired: Tensor  # [n_latents] bool: fired somewhere in the global batch
     l0: Tensor  # [layer] float64 sum over tokens of active latents, global batch
     n_tokens: int  # tokens per layer in the global batch
-    min_kept: float  # smallest positive activation of the global batch (inf: none)
+    min_kept: float  # the global batch's minimum of the rule's `level` (inf: it has none)
     extra: float  # prefix FVUs and penalty terms of the loss beyond mean FVU (global)
 
     @property
@@ -112,11 +112,10 @@ def loss(sae: MLSAE, x: Tensor, dead: Tensor | None, dist: Dist | None = None, a
         stats = all_reduce_(torch.cat([f64(err), f64(aux)[None], f64(extra.detach())[None]]),
                             dist)
         acts, idx = out.code.acts, out.code.idx
-        pos = acts[acts > 0]
-        low = (pos.min() if len(pos) else acts.new_tensor(torch.inf)).reshape(1).float()
-        if out.level is not None:  # token-topk: the batch-level threshold of its budget
-            low = out.level.clamp_min(0).reshape(1).float()
-        all_reduce_(low, dist, op=ReduceOp.MIN)
+        low = torch.full((1,), torch.inf, device=x.device)
+        if out.level is not None:  # the rules with a running threshold: their statistic
+            low = out.level.reshape(1).float()
+            all_reduce_(low, dist, op=ReduceOp.MIN)
         fired = torch.bincount(idx.flatten(), weights=(acts > FIRED_THRESHOLD).flatten().float(),
                                minlength=sae.n_latents).gt(0).int()
         l0 = f64((acts > 0).reshape(n_layers, n_tok, -1).sum(-1)).sum(1)  # [layer]
