@@ -1,10 +1,14 @@
 """Evaluation at sweep scale (issue 21), in ONE run of this script:
 
 1. "release": each checkpoint evaluated by its own `mlsae eval` process of the last release
-   (a git worktree of --release, imported through PYTHONPATH with this .venv), float32;
+   (a git worktree of --release, run in that folder with PYTHONPATH on it and this .venv;
+   checked to import the release's mlsae), float32;
 2. "together": one `mlsae eval` process of the current code evaluating every checkpoint in
    one pass (float32, --no-cache, so nothing is reused from an earlier run);
-3. "alone": the current code on the first checkpoint alone, float32 and --dtype auto.
+3. "together, --dtype auto": the same joint call with the LM in bfloat16 where the CPU
+   computes it natively (`--together-auto`; its numbers are compared with the release's);
+4. "alone": the current code on the first checkpoint alone, float32 and --dtype auto
+   (`--skip-alone` leaves this pair out).
 
 Same text for all (--tokens of each run's held-out split), same OMP_NUM_THREADS. Prints every
 wall time, the ratios, the largest difference between the release's and the joint eval.json
@@ -51,12 +55,22 @@ def worktree(rev: str) -> Path:
     return path
 
 
-def timed(argv: list[str], env: dict, log: Path) -> tuple[float, float]:
-    """(wall seconds, CPU seconds user + sys) of one process run to its end."""
+def imported_from(py: str, env: dict, cwd: Path) -> Path:
+    """Where `python -m mlsae` run in `cwd` with `env` imports mlsae from. `-m` puts the
+    working directory first on sys.path, ahead of PYTHONPATH: run from this checkout, the
+    "release" would silently be the current code (it was, in this script's first version)."""
+    out = subprocess.run([py, "-c", "import mlsae; print(mlsae.__file__)"], env=env, cwd=cwd,
+                         capture_output=True, text=True, check=True).stdout.strip()
+    return Path(out).resolve().parent.parent
+
+
+def timed(argv: list[str], env: dict, log: Path, cwd: Path = ROOT) -> tuple[float, float]:
+    """(wall seconds, CPU seconds user + sys) of one process run to its end in `cwd`."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     with log.open("w") as f:
-        rc = subprocess.run(argv, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
+        rc = subprocess.run(argv, env=env, cwd=cwd, stdout=f,
+                            stderr=subprocess.STDOUT).returncode
     took = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if rc != 0:
@@ -103,10 +117,14 @@ def main() -> None:
     p.add_argument("--wait-for", help="file to wait for before the current code's half")
     p.add_argument("--skip-release", action="store_true",
                    help="reuse the release half's files and times already in --out")
+    p.add_argument("--together-auto", action="store_true",
+                   help="also time the joint call with --dtype auto (sharing and bf16 together)")
+    p.add_argument("--skip-alone", action="store_true",
+                   help="leave out the alone float32 / auto pair (every layer of one run)")
     args = p.parse_args()
-    cks = checkpoints(args.runs)
-    out = Path(args.out)
-    for sub in ("release", "together", "alone32", "auto"):
+    cks = [str(Path(c).resolve()) for c in checkpoints(args.runs)]
+    out = Path(args.out).resolve()
+    for sub in ("release", "together", "together_auto", "alone32", "auto"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     py = str(ROOT / ".venv" / "bin" / "python")
     base_env = dict(os.environ, MLSAE_CPU_BF16="1")
@@ -126,12 +144,15 @@ def main() -> None:
     else:
         tree = worktree(args.release)
         env = dict(base_env, PYTHONPATH=str(tree))
-        release = {"rev": args.release, "seconds": [], "cpu_s": [], "load": []}
+        if imported_from(py, env, tree) != tree.resolve():
+            sys.exit(f"the release processes would not import mlsae from {tree}")
+        release = {"rev": args.release, "seconds": [], "cpu_s": [], "load": [],
+                   "imported_from": str(tree)}
         for c, n in zip(cks, names):
             release["load"].append(load())
             t, cpu = timed([py, "-m", "mlsae", "eval", c, *common, "--out",
                             str(out / "release" / f"{n}.json")], env,
-                           out / "release" / f"{n}.log")
+                           out / "release" / f"{n}.log", cwd=tree)
             release["seconds"].append(round(t, 1))
             release["cpu_s"].append(round(cpu, 1))
             print(f"release {args.release} {n}: {t:.1f} s wall, {cpu:.1f} s CPU (load "
@@ -145,6 +166,8 @@ def main() -> None:
         while not Path(args.wait_for).exists():
             time.sleep(10)
         report["waited_s"] = round(time.perf_counter() - t0)
+    if imported_from(py, base_env, ROOT) != ROOT:
+        sys.exit(f"the current-code processes would not import mlsae from {ROOT}")
     report["current_code"] = git_state()
     print(f"current code: {report['current_code']}", flush=True)
 
@@ -155,7 +178,23 @@ def main() -> None:
     print(f"together ({len(cks)} checkpoints, one process): {t:.1f} s wall, {cpu:.1f} s CPU "
           f"(load {ld})", flush=True)
 
-    for sub, dtype in (("alone32", "float32"), ("auto", "auto")):
+    if args.together_auto:
+        ld = load()
+        t, cpu = timed([py, "-m", "mlsae", "eval", *cks, *common, "--no-cache", "--dtype",
+                        "auto", "--out-dir", str(out / "together_auto")], base_env,
+                       out / "together_auto.log")
+        report["together_auto"] = {"seconds": round(t, 1), "cpu_s": round(cpu, 1), "load": ld}
+        print(f"together --dtype auto: {t:.1f} s wall, {cpu:.1f} s CPU (load {ld})", flush=True)
+        report["ratio_release_total_over_together_auto"] = {
+            "wall": round(report["release"]["total_s"] / t, 2),
+            "cpu": round(report["release"]["total_cpu_s"] / cpu, 2)}
+        report["together_auto_vs_release_max_rel"] = {
+            key: max(rel_moves(json.loads((out / "release" / f"{n}.json").read_text()),
+                               json.loads((out / "together_auto" / f"{n}.json").read_text()),
+                               key) for n in names)
+            for key in ("fvu", "dce", "kl", "ce_clean", "ce_recon")}
+
+    for sub, dtype in (() if args.skip_alone else (("alone32", "float32"), ("auto", "auto"))):
         ld = load()
         t, cpu = timed([py, "-m", "mlsae", "eval", cks[0], *alone_flags, "--no-cache",
                         "--dtype", dtype, "--out", str(out / sub / f"{names[0]}.json")],
@@ -169,11 +208,14 @@ def main() -> None:
         a = json.loads((out / "release" / f"{n}.json").read_text())
         b = json.loads((out / "together" / f"{n}.json").read_text())
         diffs[n] = diff(a, b)
-    a32 = json.loads((out / "alone32" / f"{names[0]}.json").read_text())
     report["max_abs_diff_release_vs_together"] = diffs
     report["ratio_release_total_over_together"] = {
         "wall": round(report["release"]["total_s"] / report["together"]["seconds"], 2),
         "cpu": round(report["release"]["total_cpu_s"] / report["together"]["cpu_s"], 2)}
+    if args.skip_alone:
+        finish(report, out)
+        return
+    a32 = json.loads((out / "alone32" / f"{names[0]}.json").read_text())
     report["ratio_alone32_over_auto"] = {
         "wall": round(report["alone32"]["seconds"] / report["auto"]["seconds"], 2),
         "cpu": round(report["alone32"]["cpu_s"] / report["auto"]["cpu_s"], 2)}
@@ -182,13 +224,23 @@ def main() -> None:
     moved = {}
     for key in ("fvu", "dce", "kl", "ce_clean", "ce_recon"):
         x, y = a32["per_layer"][key], bf["per_layer"][key]
-        moved[key] = {"max_rel": max(abs(v - u) / abs(u) for u, v in zip(x, y) if u),
+        moved[key] = {"max_rel": rel_moves(a32, bf, key),
                       "per_layer_rel": [round((v - u) / u, 5) if u else None
                                         for u, v in zip(x, y)]}
     report["auto_vs_float32"] = moved
+    finish(report, out)
+    print(json.dumps({k: {"max_rel": v["max_rel"]} for k, v in moved.items()}))
+
+
+def rel_moves(a: dict, b: dict, key: str) -> float:
+    """Largest relative change of eval.json's per-layer `key` from `a` to `b`."""
+    x, y = a["per_layer"][key], b["per_layer"][key]
+    return max(abs(v - u) / abs(u) for u, v in zip(x, y) if u)
+
+
+def finish(report: dict, out: Path) -> None:
     (out / "report.json").write_text(json.dumps(report, indent=2))
     print(json.dumps({k: v for k, v in report.items() if k != "auto_vs_float32"}))
-    print(json.dumps({k: {"max_rel": v["max_rel"]} for k, v in moved.items()}))
     print(f"wrote {out / 'report.json'}")
 
 

@@ -1,6 +1,6 @@
 """Causal checks of an attribution graph, computed on the REAL model (not the linearised one),
 plus the frozen-mlp exactness check on the linearised one. Uses mlsae.circuits.attribution,
-.influence and .linear, and runs (for the held-out text the means come from).
+.effects and .linear, and runs (for the held-out text the means come from).
 
 Faithfulness and completeness (Marks et al. 2024, SPEC §9): with m the target metric,
     F(C) = (m(C) - m(empty)) / (m(M) - m(empty)),
@@ -28,7 +28,15 @@ from torch import Tensor
 
 from mlsae.activations.capture import exclude_outliers
 from mlsae.circuits.attribution import EMBEDDING, ERROR, LATENT, MLP, Graph
-from mlsae.circuits.linear import Capture, clean_sources, frozen, frozen_forward
+from mlsae.circuits.effects import latent_slots
+from mlsae.circuits.linear import (
+    Capture,
+    active_pre,
+    clean_sources,
+    frozen,
+    frozen_forward,
+    splice_output,
+)
 from mlsae.data import include_mask
 from mlsae.lm import LanguageModel
 from mlsae.options import TextOptions
@@ -120,7 +128,6 @@ def _ablated_batch(sae: MLSAE, lm: LanguageModel, cap: Capture, means: Tensor,
                    ablates: list[dict[int, Tensor] | None], direction: Tensor,
                    active_set: str, lin: bool, mode: str) -> list[float]:
     B, handles = len(ablates), []
-    W_enc, b_enc, b_dec = sae.W_enc.float(), sae.b_enc.float(), sae.b_dec.float()
 
     def hook_for(i, v):
         lc = cap.codes[v]
@@ -144,17 +151,12 @@ def _ablated_batch(sae: MLSAE, lm: LanguageModel, cap: Capture, means: Tensor,
                     mu, std = lc.code.mu.expand(B, -1, -1), lc.code.std.expand(B, -1, -1)
                 else:
                     xt, mu, std = sae.preprocess(x)
-                # pre-activations of the active set only: [B, n_inc, d] x [n_inc, d, width]
-                pre = torch.einsum("bnd,ndw->bnw", xt - b_dec, W_enc.T[lc.code.idx]
-                                   .transpose(1, 2)) + b_enc[lc.code.idx]
+                pre = active_pre(sae, lc, xt)  # [B, n_inc, width]
                 acts = torch.where(on, pre if lin else pre.clamp_min(0), 0.0)
                 acts = torch.where(masks.gather(-1, idx) & on, means[i].to(x.device)[idx],
                                    acts)
                 recon = sae.decode(SparseCode(acts, idx, mu, std))
-            new = h.float().clone()
-            new[:, lc.inc] = recon + lc.err
-            res = new.to(h.dtype)
-            return (res,) + tuple(o[1:]) if isinstance(o, tuple) else res
+            return splice_output(o, lc, recon)
 
         return hook
 
@@ -178,9 +180,12 @@ def _ablated_batch(sae: MLSAE, lm: LanguageModel, cap: Capture, means: Tensor,
 def causal_checks(sae: MLSAE, lm: LanguageModel, cap: Capture, graph: Graph, means: Tensor,
                   circuit: Tensor, influence: Tensor,
                   sizes: tuple[int, ...] = CURVE_SIZES, active_set: str = "frozen",
-                  model: str = "real") -> dict:
+                  model: str = "real", effects: Tensor | None = None) -> dict:
     """Faithfulness and completeness of `circuit` (latent node ids), and the faithfulness of
-    the top-n latents by `influence` for each n in `sizes` (the curve)."""
+    the top-n latents by `influence` for each n in `sizes` (the curve); with `effects`
+    (`[n_nodes]`, `effects.integrated_effects`) also the curve of the top-n by |effect|
+    ("effect_curve") and the effects' sum over m(M) - m(empty) ("effect_sum_ratio", 1 up to
+    the quadrature error)."""
     direction = graph.target.direction(cap.logits.shape[-1])
     n_lat = sae.n_latents
     latents = (graph.kind == LATENT).nonzero()[:, 0]
@@ -194,10 +199,12 @@ def causal_checks(sae: MLSAE, lm: LanguageModel, cap: Capture, graph: Graph, mea
         ablate = latents[inside[latents]] if invert else latents[~inside[latents]]
         return _ablate_masks(graph, cap, ablate, n_lat)
 
-    order = latents[torch.argsort(influence[latents], descending=True)]
-    ns = [s for s in sizes if s < len(order)] + [len(order)]
+    ns = [s for s in sizes if s < len(latents)] + [len(latents)]
+    orders = [latents[torch.argsort(influence[latents], descending=True)]]
+    if effects is not None:
+        orders.append(latents[torch.argsort(effects[latents].abs(), descending=True)])
     runs = [_ablate_masks(graph, cap, latents, n_lat), ablation(circuit),
-            ablation(circuit, invert=True)] + [ablation(order[:n]) for n in ns]
+            ablation(circuit, invert=True)] + [ablation(o[:n]) for o in orders for n in ns]
     ms = ablated_metrics(sae, lm, cap, means, runs, direction, active_set, model, graph.mode)
     m_empty, m_c, m_comp = ms[:3]
     denom = m_full - m_empty
@@ -206,11 +213,17 @@ def causal_checks(sae: MLSAE, lm: LanguageModel, cap: Capture, graph: Graph, mea
         return (m - m_empty) / denom if abs(denom) > 1e-12 else float("nan")
 
     f_c, f_comp = faith(m_c), faith(m_comp)
-    curve = [{"latents": n, "metric": m, "faithfulness": faith(m)} for n, m in zip(ns, ms[3:])]
-    return {"metric_full": m_full, "metric_empty": m_empty, "metric_circuit": m_c,
-            "faithfulness": f_c, "metric_without_circuit": m_comp, "completeness": f_comp,
-            "circuit_latents": len(circuit), "active_set": active_set, "model": model,
-            "curve": curve}
+    curves = [[{"latents": n, "metric": m, "faithfulness": faith(m)}
+               for n, m in zip(ns, ms[3 + c * len(ns):3 + (c + 1) * len(ns)])]
+              for c in range(len(orders))]
+    out = {"metric_full": m_full, "metric_empty": m_empty, "metric_circuit": m_c,
+           "faithfulness": f_c, "metric_without_circuit": m_comp, "completeness": f_comp,
+           "circuit_latents": len(circuit), "active_set": active_set, "model": model,
+           "curve": curves[0]}
+    if effects is not None:
+        out["effect_curve"] = curves[1]
+        out["effect_sum_ratio"] = faith(m_empty + float(effects[latents].sum()))
+    return out
 
 
 def _scale_node(src, cap: Capture, graph: Graph, node: int, s: float) -> None:
@@ -226,7 +239,7 @@ def _scale_node(src, cap: Capture, graph: Graph, node: int, s: float) -> None:
         else:
             src.exc[v][p] *= s
     elif kind == LATENT:
-        rows, slots = _slots(graph, cap, torch.tensor([node]))
+        rows, slots = latent_slots(graph, cap, torch.tensor([node]))
         src.acts[v][int(rows[0]), int(slots[0])] *= s
     else:
         raise ValueError(f"node {node} is not a source")
@@ -260,18 +273,10 @@ def exactness(sae: MLSAE, lm: LanguageModel, cap: Capture, graph: Graph, nodes: 
             "max_rel_error": worst / max(biggest, 1e-12)}
 
 
-def _slots(graph: Graph, cap: Capture, nodes: Tensor) -> tuple[Tensor, Tensor]:
-    """(row, slot) in their layer's code of latent `nodes` (all at one layer)."""
-    lc = cap.codes[int(graph.layer[nodes[0]])]
-    rows = (lc.inc.long().cumsum(0) - 1).cpu()[graph.pos[nodes]]
-    hit = (lc.code.idx.cpu()[rows] == graph.latent[nodes][:, None]) & (lc.code.acts.cpu()[rows] > 0)
-    return rows, hit.float().argmax(-1)
-
-
 def _values(graph: Graph, cap: Capture, nodes: Tensor, out, direction: Tensor) -> Tensor:
     """The frozen forward's values of target `nodes` (the latents of one layer, or the
     target metric)."""
     if int(graph.kind[nodes[0]]) == LATENT:
-        rows, slots = _slots(graph, cap, nodes)
+        rows, slots = latent_slots(graph, cap, nodes)
         return out.pre[int(graph.layer[nodes[0]])].cpu()[rows, slots]
     return (out.logits[-1] @ direction).reshape(1).cpu()

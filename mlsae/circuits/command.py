@@ -21,6 +21,7 @@ from mlsae.analysis.codes import require_run_dir
 from mlsae.circuits.analysis import self_edges, summarise
 from mlsae.circuits.attribution import ERROR, LATENT, MLP, Graph, Target, attribute
 from mlsae.circuits.causal import causal_checks, exactness, latent_means
+from mlsae.circuits.effects import integrated_effects
 from mlsae.circuits.graphio import add_graph_metadata, graph_json, write_json
 from mlsae.circuits.influence import prune
 from mlsae.circuits.linear import MODES, capture, check_supported
@@ -31,6 +32,7 @@ from mlsae.runs import load_run_lm, load_sae, own_data_config, run_data_config, 
 from mlsae.sae import MLSAE
 
 METRICS = ("logit", "logit-diff")
+SELECT = ("influence", "effect")
 
 
 @dataclass
@@ -59,6 +61,16 @@ class GraphConfig:
     """pruning: keep the nodes holding this share of the total influence"""
     edge_threshold: float = 0.98
     """pruning: keep the edges holding this share of the edge influence"""
+    select: str = "influence"
+    """which latents the pruned graph keeps: influence (circuit-tracer's rule: those holding
+    --node-threshold of the influence) or effect (the --max-latents latents with the largest
+    |effect| on the metric in the real model, by integrated gradients; the other node kinds
+    still by influence)"""
+    max_latents: int = 200
+    """with --select effect: how many latents the pruned graph keeps"""
+    effect_steps: int = 8
+    """integrated-gradient steps of each latent's effect (the nodes' `effect`, the
+    faithfulness curve by effect); 0 skips the effects (not with --select effect)"""
     means_tokens: int = 1024
     """held-out tokens the latents' mean activations (for mean ablation) come from"""
     exactness_nodes: int = 8
@@ -149,6 +161,12 @@ class GraphSession:
             v = getattr(cfg, name)
             if not 0.0 <= v <= 1.0:
                 raise UserError(f"--{name.replace('_', '-')} must be in [0, 1], got {v}")
+        if cfg.select not in SELECT:
+            raise UserError(f"--select {cfg.select!r}: choose one of {', '.join(SELECT)}")
+        if cfg.max_latents < 1 or cfg.effect_steps < 0:
+            raise UserError("--max-latents must be >= 1 and --effect-steps >= 0")
+        if cfg.select == "effect" and cfg.effect_steps < 1:
+            raise UserError("--select effect needs --effect-steps >= 1")
         if sae is None:
             run = require_run_dir(run, cfg.model)
             sae = load_sae(run, why="mlsae graph does not apply the lens")
@@ -181,13 +199,27 @@ class GraphSession:
                           else cfg.target, contrast)
         g = attribute(self.sae, self.lm, cap, tgt, cfg.mode, prompt, progress=progress)
         t1 = time.perf_counter()
-        pr = prune(g, cfg.node_threshold, cfg.edge_threshold)
+        effects = effect_info = chosen = None
+        if cfg.effect_steps > 0 and (causal or cfg.select == "effect"):
+            means = self.means()[0]  # once per session, not counted as the prompt's effects
+            te = time.perf_counter()
+            effects, effect_info = integrated_effects(self.sae, self.lm, cap, g, means,
+                                                      cfg.effect_steps)
+            effect_info["seconds"] = time.perf_counter() - te
+        if cfg.select == "effect":
+            lat = (g.kind == LATENT).nonzero()[:, 0]
+            chosen = lat[torch.argsort(effects[lat].abs(), descending=True)[:cfg.max_latents]]
+        t1e = time.perf_counter()
+        pr = prune(g, cfg.node_threshold, cfg.edge_threshold, latents=chosen)
         t2 = time.perf_counter()
         result = None
         if causal:
             means, info = self.means()
             circuit = pr.nodes[g.kind[pr.nodes] == LATENT]
-            result = causal_checks(self.sae, self.lm, cap, g, means, circuit, pr.influence)
+            result = causal_checks(self.sae, self.lm, cap, g, means, circuit, pr.influence,
+                                   effects=effects)
+            result["select"] = cfg.select
+            result["effects"] = effect_info
             result["linearised"] = causal_checks(self.sae, self.lm, cap, g, means, circuit,
                                                  pr.influence, model="linearised")
             result["means"] = info
@@ -199,13 +231,15 @@ class GraphSession:
             g.checks["exactness"] = exactness(self.sae, self.lm, cap, g,
                                               top[:cfg.exactness_nodes])
         selfe = self_edges(g, pr)
-        g.timing.update(capture_and_edges_s=t1 - t0, prune_s=t2 - t1, causal_s=t3 - t2,
+        g.timing.update(capture_and_edges_s=t1 - t0, prune_s=t2 - t1e,
+                        effects_s=effect_info["seconds"] if effect_info else 0.0,
+                        causal_s=t3 - t2,
                         checks_total_s=time.perf_counter() - t3, total_s=time.perf_counter()
                         - t0)
         slug = _slug(prompt)
         data = graph_json(g, pr, slug, f"mlsae:{self.run.name}",
                           {"causal": result, "self_edges": selfe, "run": str(self.run),
-                           "model": self.lm.name})
+                           "model": self.lm.name}, effects=effects)
         return g, data
 
 
@@ -262,6 +296,7 @@ def graph(run: str | Path, cfg: GraphConfig, lm: LanguageModel | None = None,
                      "faithfulness_linearised": m["causal"]["linearised"]["faithfulness"],
                      "completeness_linearised": m["causal"]["linearised"]["completeness"],
                      "curve_linearised": m["causal"]["linearised"]["curve"],
+                     "effect_curve": m["causal"].get("effect_curve"),
                      "self_edges": m["self_edges"],
                      "checks": m["checks"], "seconds": m["timing"]["total_s"]})
     summary = {"run": str(session.run), "config": asdict(cfg), "prompts": rows,

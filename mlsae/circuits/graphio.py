@@ -6,7 +6,9 @@ Each node carries circuit-tracer's fields (node_id, feature, layer, ctx_idx, fea
 token_prob, is_target_logit, run_idx, reverse_ctx_idx, jsNodeId, clerp, influence: the
 cumulative influence score as circuit-tracer writes it, activation) and ONE extra field,
 `mlsae`: {"kind", "latent" (the latent id, the same at every layer: the MLSAE's cross-layer
-identity; null for other nodes), "influence" (the raw influence on the target)}. The
+identity; null for other nodes), "influence" (the raw influence on the target), "effect" (a
+latent's integrated-gradients effect on the metric in the real model, `effects.py`; null for
+other nodes or when not computed)}. The
 metadata carries circuit-tracer's keys and an `mlsae` object with the mode, the target, the
 checks and the causal metrics.
 """
@@ -17,6 +19,8 @@ import json
 import os
 import tempfile
 from pathlib import Path
+
+from torch import Tensor
 
 from mlsae.circuits.attribution import EMBEDDING, ERROR, KINDS, LATENT, LOGIT, MLP, Graph
 from mlsae.circuits.influence import Pruned
@@ -43,7 +47,7 @@ def node_id(graph: Graph, i: int) -> str:
     return f"{graph.n_blocks + 1}_{graph.target.token}_{pos}"
 
 
-def node_json(graph: Graph, pruned: Pruned, i: int) -> dict:
+def node_json(graph: Graph, pruned: Pruned, i: int, effects: Tensor | None = None) -> dict:
     kind, layer, pos = int(graph.kind[i]), int(graph.layer[i]), int(graph.pos[i])
     nid = node_id(graph, i)
     out = {"node_id": nid, "feature": int(graph.latent[i]) if kind == LATENT else -1,
@@ -67,13 +71,17 @@ def node_json(graph: Graph, pruned: Pruned, i: int) -> dict:
                    token_prob=graph.probability, jsNodeId=f"L_{t.token}-{pos}",
                    clerp=f"Output {what} (p={graph.probability:.3f})")
     out["mlsae"] = {"kind": KINDS[kind], "latent": int(graph.latent[i]) if kind == LATENT
-                    else None, "influence": float(pruned.influence[i])}
+                    else None, "influence": float(pruned.influence[i]),
+                    "effect": float(effects[i]) if effects is not None and kind == LATENT
+                    else None}
     return out
 
 
-def graph_json(graph: Graph, pruned: Pruned, slug: str, scan: str, extra: dict) -> dict:
-    """The pruned graph as circuit-tracer's `Model`; `extra` goes into metadata.mlsae."""
-    nodes = [node_json(graph, pruned, i) for i in pruned.nodes.tolist()]
+def graph_json(graph: Graph, pruned: Pruned, slug: str, scan: str, extra: dict,
+               effects: Tensor | None = None) -> dict:
+    """The pruned graph as circuit-tracer's `Model`; `extra` goes into metadata.mlsae;
+    `effects [n_nodes]` (`effects.integrated_effects`) into each latent's mlsae.effect."""
+    nodes = [node_json(graph, pruned, i, effects) for i in pruned.nodes.tolist()]
     ids = {i: n["node_id"] for i, n in zip(pruned.nodes.tolist(), nodes)}
     links = [{"source": ids[s], "target": ids[t], "weight": w} for s, t, w in pruned.edges
              if s in ids and t in ids]

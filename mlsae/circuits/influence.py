@@ -75,16 +75,22 @@ def dense_adjacency(graph: Graph, keep: Tensor) -> Tensor:
     return M
 
 
-def prune(graph: Graph, node_threshold: float = 0.8, edge_threshold: float = 0.98) -> Pruned:
+def prune(graph: Graph, node_threshold: float = 0.8, edge_threshold: float = 0.98,
+          latents: Tensor | None = None) -> Pruned:
     """circuit-tracer's `prune_graph`: keep the nodes holding `node_threshold` of the total
     influence (embeddings and the target always), then the edges (among them) holding
     `edge_threshold` of the edge influence, then drop, repeatedly, latent/error/mlp nodes
-    left without outgoing edges and latents left without incoming ones."""
+    left without outgoing edges and latents left without incoming ones. `latents` (node
+    ids): keep exactly these latent nodes instead of the influential ones (the threshold
+    then picks only the other kinds)."""
     for name, v in (("node_threshold", node_threshold), ("edge_threshold", edge_threshold)):
         if not 0.0 <= v <= 1.0:
             raise ValueError(f"{name} must be in [0, 1], got {v}")
     infl = node_influence(graph)
     node_mask = infl >= find_threshold(infl, node_threshold)
+    if latents is not None:
+        node_mask &= graph.kind != LATENT
+        node_mask[latents] = True
     always = (graph.kind == EMBEDDING) | (graph.kind == LOGIT)
     node_mask |= always
     keep = node_mask.nonzero()[:, 0]

@@ -231,6 +231,25 @@ def pre_activations(sae: MLSAE, lc: LayerCode, x: Tensor) -> Tensor:
     return pre.gather(-1, lc.code.idx)
 
 
+def active_pre(sae: MLSAE, lc: LayerCode, xt: Tensor) -> Tensor:
+    """Encoder pre-activations `[B, n_inc, width]` of the layer's clean active set (the
+    columns of its code's ids, row by row) from standardized inputs `xt [B, n_inc, d]`:
+    (xt - b_dec) @ W_enc[:, idx] + b_enc[idx], without the dense `[n_inc, n_latents]`."""
+    W = sae.W_enc.float().T[lc.code.idx].transpose(1, 2)  # [n_inc, d, width]
+    return (torch.einsum("bnd,ndw->bnw", xt - sae.b_dec.float(), W)
+            + sae.b_enc.float()[lc.code.idx])
+
+
+def splice_output(o, lc: LayerCode, recon: Tensor):
+    """A block's forward-hook output `o` (a tensor or a tuple) with its included positions
+    replaced by `recon [B, n_inc, d] + lc.err`: the SAE spliced in with its clean error."""
+    h = o[0] if isinstance(o, tuple) else o
+    new = h.float().clone()
+    new[:, lc.inc] = recon + lc.err
+    res = new.to(h.dtype)
+    return (res,) + tuple(o[1:]) if isinstance(o, tuple) else res
+
+
 @dataclass
 class FrozenOut:
     """`frozen_forward`'s result: resid_post arriving at each spliced layer before the SAE
