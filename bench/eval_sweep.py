@@ -141,6 +141,10 @@ def main() -> None:
     times_path = out / "release_times.json"
     if args.skip_release and times_path.is_file():
         release = json.loads(times_path.read_text())
+        if release.get("imported_from") != str(worktree(args.release)):
+            sys.exit(f"{times_path} was not written by release processes that imported "
+                     f"{args.release}'s worktree (an older version of this script): rerun "
+                     "without --skip-release")
     else:
         tree = worktree(args.release)
         env = dict(base_env, PYTHONPATH=str(tree))

@@ -2,7 +2,8 @@
 against a by-hand re-statement of the path (dense encoder, the LM's own blocks between
 spliced layers): the path's metric, each node's gradient by central differences, the
 effects' sum against m(clean) - m(every latent ablated) from the causal checks' own code,
-and `--select effect` through the CLI (the pruned graph keeps exactly the top latents)."""
+and `--select effect` through the CLI (the pruned graph keeps only the top latents, each with
+its effect)."""
 
 from __future__ import annotations
 
@@ -12,10 +13,13 @@ import pytest
 import torch
 from test_circuits import IDS, TARGET, N, build, make_sae
 
-from mlsae.circuits.attribution import LATENT
+from mlsae.circuits.attribution import LATENT, attribute
 from mlsae.circuits.causal import _ablate_masks, ablated_metric, causal_checks
+from mlsae.circuits.command import GraphConfig, GraphSession, make_target, tokenize
 from mlsae.circuits.effects import integrated_effects, latent_slots, path_point
+from mlsae.circuits.graphio import node_id
 from mlsae.circuits.influence import prune
+from mlsae.circuits.linear import capture
 from mlsae.cli import main
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -115,20 +119,6 @@ def test_effects_sum_to_the_ablation_difference(sae, tiny_lm, means):
     assert res["effect_curve"][0]["metric"] == pytest.approx(m, abs=1e-4)
 
 
-def test_prune_keeps_exactly_the_given_latents(sae, tiny_lm, means):
-    cap, g = build(sae, tiny_lm, LAYERS, "frozen-mlp")
-    eff, _ = integrated_effects(sae, tiny_lm, cap, g, means, 2)
-    lat = (g.kind == LATENT).nonzero()[:, 0]
-    chosen = lat[torch.argsort(eff[lat].abs(), descending=True)[:7]]
-    pr = prune(g, 0.8, 1.0, latents=chosen)  # every edge kept: no latent dropped as dead
-    kept = pr.nodes[g.kind[pr.nodes] == LATENT]
-    assert set(kept.tolist()) <= set(chosen.tolist())
-    other = prune(g, 0.8, 1.0)
-    assert set(pr.nodes[g.kind[pr.nodes] != LATENT].tolist()) <= set(
-        other.nodes[g.kind[other.nodes] != LATENT].tolist()) | set(
-        (g.kind != LATENT).nonzero()[:, 0].tolist())
-
-
 def test_cli_select_effect(tiny_model_dir, text_file, tmp_path, capsys):
     run = make_sae(tiny_model_dir, text_file).save_pretrained(tmp_path / "run")
     out = tmp_path / "g.json"
@@ -139,6 +129,22 @@ def test_cli_select_effect(tiny_model_dir, text_file, tmp_path, capsys):
     data = json.loads(out.read_text())
     lat = [n for n in data["nodes"] if n["mlsae"]["kind"] == "latent"]
     assert 0 < len(lat) <= 5
+    # the kept latents are among the 5 of largest |effect| over the WHOLE graph, each with
+    # its effect, recomputed here on the same means
+    session = GraphSession(run, GraphConfig(metric="logit-diff", means_tokens=96,
+                                            device="cpu"))
+    cap = capture(session.sae, session.lm, tokenize(session.lm, "a=(b+1", session.limit),
+                  session.layers, session.data_cfg)
+    g = attribute(session.sae, session.lm, cap, make_target(
+        session.lm, cap.logits[-1], session.cfg, ")", "]"), "jacobian")
+    eff, _ = integrated_effects(session.sae, session.lm, cap, g, session.means()[0], 3)
+    all_lat = (g.kind == LATENT).nonzero()[:, 0]
+    top = all_lat[torch.argsort(eff[all_lat].abs(), descending=True)[:5]]
+    want = {node_id(g, int(i)): float(eff[i]) for i in top}
+    assert len(all_lat) > 5
+    assert {n["node_id"] for n in lat} <= set(want)
+    for n in lat:
+        assert n["mlsae"]["effect"] == pytest.approx(want[n["node_id"]], rel=1e-4, abs=1e-7)
     causal = data["metadata"]["mlsae"]["causal"]
     assert causal["select"] == "effect" and causal["effects"]["steps"] == 3
     assert all(n["mlsae"]["effect"] is not None for n in lat)

@@ -213,8 +213,9 @@ def test_influence_is_the_dense_neumann_series(sae, tiny_lm):
     assert torch.allclose(node_influence(g), w @ B, atol=1e-10, rtol=1e-8)
 
 
-def circuit_tracer_prune(M, kind, node_threshold, edge_threshold):
-    """circuit_tracer.graph.prune_graph, transcribed for a dense matrix with node kinds."""
+def circuit_tracer_prune(M, kind, node_threshold, edge_threshold, latents=None):
+    """circuit_tracer.graph.prune_graph, transcribed for a dense matrix with node kinds;
+    `latents`: node ids kept as the latents instead of the thresholded ones."""
     def norm(m):
         m = m.abs()
         return m / m.sum(1, keepdim=True).clamp(min=1e-10)
@@ -236,6 +237,9 @@ def circuit_tracer_prune(M, kind, node_threshold, edge_threshold):
     ni = infl(norm(M), w)
     node_mask = ni >= thr(ni, node_threshold)
     node_mask[(kind == LOGIT) | (kind == EMBEDDING)] = True
+    if latents is not None:
+        node_mask[kind == LATENT] = False
+        node_mask[latents] = True
     P = M.clone()
     P[~node_mask] = 0
     P[:, ~node_mask] = 0
@@ -257,12 +261,21 @@ def circuit_tracer_prune(M, kind, node_threshold, edge_threshold):
     return node_mask, edge_mask
 
 
-@pytest.mark.parametrize("thresholds", [(0.8, 0.98), (0.5, 0.9)])
-def test_prune_matches_circuit_tracer(sae, tiny_lm, thresholds):
+@pytest.mark.parametrize("thresholds,chosen", [((0.8, 0.98), False), ((0.5, 0.9), False),
+                                               ((0.8, 0.98), True)])
+def test_prune_matches_circuit_tracer(sae, tiny_lm, thresholds, chosen):
     cap, g = build(sae, tiny_lm, (0, 1, 2, 3), "jacobian")
     M = dense_adjacency(g, torch.arange(g.n_nodes))
-    node_mask, edge_mask = circuit_tracer_prune(M, g.kind, *thresholds)
-    pr = prune(g, *thresholds)
+    lat = (g.kind == LATENT).nonzero()[:, 0]
+    # a chosen set mixing influential and random latents (as --select effect may)
+    top = lat[torch.argsort(node_influence(g)[lat], descending=True)[:5]]
+    rand = lat[torch.randperm(len(lat), generator=torch.Generator().manual_seed(2))[:4]]
+    latents = torch.unique(torch.cat([top, rand])) if chosen else None
+    node_mask, edge_mask = circuit_tracer_prune(M, g.kind, *thresholds, latents=latents)
+    pr = prune(g, *thresholds, latents=latents)
+    if chosen:
+        kept = set(pr.nodes[g.kind[pr.nodes] == LATENT].tolist())
+        assert kept and kept <= set(latents.tolist())
     # our node list also drops non-kept nodes with no edges left; circuit-tracer keeps
     # embeddings/logits always: compare the sets it keeps, then the edges
     assert set(pr.nodes.tolist()) == set(node_mask.nonzero()[:, 0].tolist())

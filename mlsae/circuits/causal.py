@@ -184,8 +184,9 @@ def causal_checks(sae: MLSAE, lm: LanguageModel, cap: Capture, graph: Graph, mea
     """Faithfulness and completeness of `circuit` (latent node ids), and the faithfulness of
     the top-n latents by `influence` for each n in `sizes` (the curve); with `effects`
     (`[n_nodes]`, `effects.integrated_effects`) also the curve of the top-n by |effect|
-    ("effect_curve") and the effects' sum over m(M) - m(empty) ("effect_sum_ratio", 1 up to
-    the quadrature error)."""
+    ("effect_curve") and, on the real model with the frozen active set (the effects' path),
+    the effects' sum over m(M) - m(empty) ("effect_sum_ratio", 1 up to the quadrature
+    error)."""
     direction = graph.target.direction(cap.logits.shape[-1])
     n_lat = sae.n_latents
     latents = (graph.kind == LATENT).nonzero()[:, 0]
@@ -222,7 +223,8 @@ def causal_checks(sae: MLSAE, lm: LanguageModel, cap: Capture, graph: Graph, mea
            "curve": curves[0]}
     if effects is not None:
         out["effect_curve"] = curves[1]
-        out["effect_sum_ratio"] = faith(m_empty + float(effects[latents].sum()))
+        if active_set == "frozen" and model == "real":  # the effects' own path
+            out["effect_sum_ratio"] = faith(m_empty + float(effects[latents].sum()))
     return out
 
 

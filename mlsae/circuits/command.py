@@ -67,7 +67,7 @@ class GraphConfig:
     |effect| on the metric in the real model, by integrated gradients; the other node kinds
     still by influence)"""
     max_latents: int = 200
-    """with --select effect: how many latents the pruned graph keeps"""
+    """with --select effect: how many latents the pruned graph keeps (ignored otherwise)"""
     effect_steps: int = 8
     """integrated-gradient steps of each latent's effect (the nodes' `effect`, the
     faithfulness curve by effect); 0 skips the effects (not with --select effect)"""

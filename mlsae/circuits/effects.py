@@ -32,6 +32,8 @@ def latent_slots(graph: Graph, cap: Capture, nodes: Tensor) -> tuple[Tensor, Ten
     rows = (lc.inc.long().cumsum(0) - 1).cpu()[graph.pos[nodes]]
     hit = ((lc.code.idx.cpu()[rows] == graph.latent[nodes][:, None])
            & (lc.code.acts.cpu()[rows] > 0))
+    if not bool(hit.any(-1).all()):
+        raise ValueError("a node is not an active latent of its layer's code")
     return rows, hit.float().argmax(-1)
 
 
@@ -67,6 +69,8 @@ def path_point(sae: MLSAE, lm: LanguageModel, cap: Capture, means: Tensor,
 
     for i, v in enumerate(cap.layers):
         handles.append(lm.blocks[v].register_forward_hook(hook_for(i, v)))
+    wants = [p.requires_grad for p in sae.parameters()]
+    sae.requires_grad_(False)  # only the probes' gradients are wanted: no W_dec gradient
     try:
         with torch.enable_grad():
             logits = lm.model(input_ids=cap.ids, use_cache=False,
@@ -76,6 +80,8 @@ def path_point(sae: MLSAE, lm: LanguageModel, cap: Capture, means: Tensor,
     finally:
         for h in handles:
             h.remove()
+        for p, want in zip(sae.parameters(), wants):
+            p.requires_grad_(want)
     return float(metric.detach()), {v: g[0].detach() * state[v][1]
                                     for v, g in zip(cap.layers, grads)}
 

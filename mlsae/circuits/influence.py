@@ -89,6 +89,8 @@ def prune(graph: Graph, node_threshold: float = 0.8, edge_threshold: float = 0.9
     infl = node_influence(graph)
     node_mask = infl >= find_threshold(infl, node_threshold)
     if latents is not None:
+        if not bool((graph.kind[latents] == LATENT).all()):
+            raise ValueError("latents: every id must be a latent node")
         node_mask &= graph.kind != LATENT
         node_mask[latents] = True
     always = (graph.kind == EMBEDDING) | (graph.kind == LOGIT)
