@@ -29,7 +29,7 @@ from mlsae.options import TextOptions
 from mlsae.runs import run_data_config
 from mlsae.sae import MLSAE, SparseCode
 from mlsae.server.app import create_app
-from mlsae.server.runner import background
+from mlsae.server.runner import background, bind
 from mlsae.train import RunConfig, train
 
 PROMPT = "The quick brown fox"  # byte tokenizer: one token per character, after the EOS
@@ -325,6 +325,14 @@ def test_cli_serve_prints_url_and_serves(runs, tiny_model_dir):
         assert proc.wait(timeout=30) == 130
         watchdog.cancel()
     assert "Traceback" not in proc.stderr.read()
+
+
+def test_bound_port_queues_a_client_before_the_server_runs():
+    # `mlsae serve` prints its URL after binding and before uvicorn starts: a client that
+    # connects in between must be queued, not refused
+    with bind("127.0.0.1", 0) as sock:
+        client = socket.create_connection(sock.getsockname()[:2], timeout=5)
+        client.close()
 
 
 def test_cli_serve_errors_are_one_line(runs, capsys):

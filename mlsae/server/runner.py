@@ -23,6 +23,9 @@ def bind(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
+        # listening now, not when uvicorn starts: a client that reads the printed URL and
+        # connects at once is queued instead of refused (seen in CI)
+        sock.listen(2048)
     except OSError as e:
         sock.close()
         raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
