@@ -20,9 +20,9 @@ L, T, D, N, K, AUXK = 3, 10, 8, 24, 3, 5
 both_paths = pytest.mark.usefixtures("topk_path")
 
 
-def make_sae(seed: int = 0) -> MLSAE:
+def make_sae(seed: int = 0, arch: str = "topk") -> MLSAE:
     g = torch.Generator().manual_seed(seed)
-    sae = MLSAE(D, N, K)
+    sae = MLSAE(D, N, K, architecture=arch)
     sae.reset_parameters(g)
     with torch.no_grad():
         sae.b_enc.normal_(0, 0.3, generator=g)
@@ -155,3 +155,47 @@ def test_ddp_reductions_make_two_ranks_equal_one_process():
         torch.testing.assert_close(l0, ref.l0)
         for g, p in zip(grads, sae.parameters()):
             torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-7)
+
+
+def _rank_batchtopk(rank: int, port: int, q) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    sae, x = make_sae(arch="batchtopk"), make_x()
+    half = x[:, :4] if rank == 0 else x[:, 4:]
+    out = loss(sae, half, torch.zeros(N, dtype=torch.bool), Dist(rank, 2))
+    q.put((rank, out.err.numpy(), out.fired.numpy(), out.l0.numpy(), out.min_kept))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_batchtopk_in_two_ranks_budgets_per_rank_and_takes_the_minimum_threshold():
+    """BatchTopK under DDP (documented): each rank keeps the top k x ITS OWN vectors, so two
+    ranks equal each half evaluated alone, summed; the running threshold's statistic is the
+    minimum over ranks."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_rank_batchtopk, args=(r, port, q)) for r in range(2)]
+    for p in procs:
+        p.start()
+    got = [q.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    sae, x = make_sae(arch="batchtopk"), make_x()
+    none = torch.zeros(N, dtype=torch.bool)
+    halves = [loss(sae, x[:, :4], none), loss(sae, x[:, 4:], none)]
+    whole = loss(sae, x, none)
+    # each half alone keeps exactly k x its vectors: L x 4 x K and L x 6 x K entries
+    assert [float(h.l0.sum()) for h in halves] == [L * 4 * K, L * 6 * K]
+    assert halves[0].min_kept != halves[1].min_kept  # so the minimum is a real choice
+    for _r, err, fired, l0, low in got:
+        torch.testing.assert_close(torch.from_numpy(err), halves[0].err + halves[1].err)
+        assert torch.equal(torch.from_numpy(fired), halves[0].fired | halves[1].fired)
+        torch.testing.assert_close(torch.from_numpy(l0), halves[0].l0 + halves[1].l0)
+        assert low == min(halves[0].min_kept, halves[1].min_kept) < float("inf")
+    # and it is not the one-process budget over the whole batch (a different selection)
+    assert not torch.allclose(halves[0].err + halves[1].err, whole.err)
