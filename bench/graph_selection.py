@@ -40,28 +40,28 @@ SIZES = (20, 50, 100, 200)
 def greedy(session, cap, g, means, direction, m_full: float, n: int, step: int = 10):
     """Latent node ids in the order greedy adds them (first `n`)."""
     lat = (g.kind == LATENT).nonzero()[:, 0]
-    where = {}  # node -> (layer, row, slot)
+    parts = []  # per layer: (layer, node ids, rows, slots) in the layer's code
     for v in cap.layers:
         at = lat[g.layer[lat] == v]
         if len(at):
-            rows, slots = latent_slots(g, cap, at)
-            where.update({int(a): (v, int(r), int(s)) for a, r, s in zip(at, rows, slots)})
+            parts.append((v, at, *latent_slots(g, cap, at)))
+    nodes = torch.cat([at for _, at, _, _ in parts])
     alpha = {v: torch.zeros(cap.codes[v].code.idx.shape) for v in cap.layers}
     m0, _ = path_point(session.sae, session.lm, cap, means, direction, alpha)
     sign = 1.0 if m_full >= m0 else -1.0
+    taken = torch.zeros(len(nodes), dtype=torch.bool)
     chosen: list[int] = []
-    taken = torch.zeros(len(lat), dtype=torch.bool)
-    while len(chosen) < min(n, len(lat)):
+    while len(chosen) < min(n, len(nodes)):
         _, part = path_point(session.sae, session.lm, cap, means, direction, alpha)
-        gain = torch.tensor([sign * float(part[where[int(a)][0]][where[int(a)][1:]])
-                             for a in lat])
+        gain = sign * torch.cat([part[v].cpu()[rows, slots] for v, _, rows, slots in parts])
         gain[taken] = -float("inf")
-        top = torch.topk(gain, min(step, int((~taken).sum()))).indices
-        for t in top.tolist():
+        for t in torch.topk(gain, min(step, int((~taken).sum()))).indices.tolist():
             taken[t] = True
-            v, r, s = where[int(lat[t])]
-            alpha[v][r, s] = 1.0
-            chosen.append(int(lat[t]))
+            chosen.append(int(nodes[t]))
+        off = 0
+        for v, at, rows, slots in parts:  # the chosen nodes are kept from now on
+            alpha[v][rows, slots] = taken[off:off + len(at)].float()
+            off += len(at)
     return torch.tensor(chosen)
 
 

@@ -440,14 +440,16 @@ class EvalCache:
             return
         path = self._path(head, ids, mask)
         merged = dict(self.get(head, ids, mask, n_pos), **new)
+        tmp = None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=".json")
             with os.fdopen(fd, "w") as f:
                 json.dump({"n_pos": n_pos, "ce": merged}, f)
             os.replace(tmp, path)
-        except OSError:  # the cache only saves time: a read-only or full disk costs none
-            pass
+        except OSError:  # the cache only saves time: a read-only or full disk costs none,
+            if tmp is not None:  # and leaves no half-written file behind
+                Path(tmp).unlink(missing_ok=True)
 
 
 def _ablations(jobs: list[EvalJob]) -> tuple[list[tuple[int, Tensor]], dict]:

@@ -126,19 +126,25 @@ def _rank(rank: int, port: int, q) -> None:
     dist.destroy_process_group()
 
 
-def test_ddp_reductions_make_two_ranks_equal_one_process():
+def two_ranks(target) -> list:
+    """Run `target(rank, port, queue)` in two spawned gloo ranks; what each put on the queue."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    procs = [ctx.Process(target=_rank, args=(r, port, q)) for r in range(2)]
+    procs = [ctx.Process(target=target, args=(r, port, q)) for r in range(2)]
     for p in procs:
         p.start()
     got = [q.get(timeout=120) for _ in procs]
     for p in procs:
         p.join(60)
         assert p.exitcode == 0
+    return got
+
+
+def test_ddp_reductions_make_two_ranks_equal_one_process():
+    got = two_ranks(_rank)
     sae, x = make_sae(), make_x()
     dead = torch.zeros(N, dtype=torch.bool)
     dead[::3] = True
@@ -173,18 +179,7 @@ def test_batchtopk_in_two_ranks_budgets_per_rank_and_takes_the_minimum_threshold
     """BatchTopK under DDP (documented): each rank keeps the top k x ITS OWN vectors, so two
     ranks equal each half evaluated alone, summed; the running threshold's statistic is the
     minimum over ranks."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    procs = [ctx.Process(target=_rank_batchtopk, args=(r, port, q)) for r in range(2)]
-    for p in procs:
-        p.start()
-    got = [q.get(timeout=120) for _ in procs]
-    for p in procs:
-        p.join(60)
-        assert p.exitcode == 0
+    got = two_ranks(_rank_batchtopk)
     sae, x = make_sae(arch="batchtopk"), make_x()
     none = torch.zeros(N, dtype=torch.bool)
     halves = [loss(sae, x[:, :4], none), loss(sae, x[:, 4:], none)]
