@@ -50,6 +50,12 @@ def tiny_config(arch: str, n_layers: int = 3, d: int = 32):
     if arch == "qwen2":
         return T.Qwen2Config(hidden_size=d, intermediate_size=2 * d, num_key_value_heads=2,
                              **common)
+    if arch == "qwen3":  # per-head RMSNorms on queries and keys
+        return T.Qwen3Config(hidden_size=d, intermediate_size=2 * d, num_key_value_heads=2,
+                             head_dim=8, **common)
+    if arch == "mistral":
+        return T.MistralConfig(hidden_size=d, intermediate_size=2 * d, num_key_value_heads=2,
+                               **common)
     if arch == "gemma3":
         return T.Gemma3TextConfig(hidden_size=d, intermediate_size=2 * d, num_key_value_heads=2,
                                   head_dim=8, sliding_window=4, **common)

@@ -1,4 +1,5 @@
-"""Attribution graphs (mlsae.circuits) on a tiny random Llama, against independent
+"""Attribution graphs (mlsae.circuits) on a tiny random Llama (the edge tests also on the
+other Llama-style families `check_supported` accepts), against independent
 computations: every edge of a small graph re-measured in the LM's own forward with the frozen
 quantities substituted (frozen-mlp: exact differences; jacobian: autograd through the live
 MLPs, and central differences), additivity against the clean activations, influence against
@@ -12,6 +13,7 @@ import math
 
 import pytest
 import torch
+from conftest import make_tiny_lm
 
 from mlsae.circuits import linear
 from mlsae.circuits.analysis import self_edges
@@ -51,6 +53,27 @@ def make_sae(model_dir, text_file, layers=(0, 1, 2, 3)) -> MLSAE:
 @pytest.fixture(scope="module")
 def sae(tiny_model_dir, text_file):
     return make_sae(tiny_model_dir, text_file)
+
+
+FAMILIES = ["llama", "qwen2", "qwen3", "mistral"]
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family_lm(request, tiny_lm):
+    """A tiny random LM of each Llama-style family `mlsae graph` linearises: Llama, Qwen2
+    with non-zero q/k/v biases (HF initialises them to 0), Qwen3 (RMSNorms on queries and
+    keys), Mistral."""
+    if request.param == "llama":
+        return tiny_lm
+    lm = make_tiny_lm(request.param, n_layers=4, d=32)
+    if request.param == "qwen2":
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for b in lm.blocks:
+                for proj in (b.self_attn.q_proj, b.self_attn.k_proj, b.self_attn.v_proj):
+                    proj.bias.copy_(torch.randn(proj.bias.shape, generator=g) * 0.3)
+    linear.check_supported(lm)
+    return lm
 
 
 @pytest.fixture(scope="module")
@@ -99,9 +122,10 @@ def node_handle(g, cap, src, node):
 
 
 @pytest.mark.parametrize("layers", [(0, 1, 2, 3), (1, 3)])
-def test_frozen_mlp_every_edge_is_the_exact_difference(sae, tiny_lm, layers):
+def test_frozen_mlp_every_edge_is_the_exact_difference(sae, family_lm, layers):
     """frozen-mlp: zeroing source u in the LM's own frozen forward moves each target by
     exactly -W[target, u], for every edge of the graph (non-adjacent layers included)."""
+    tiny_lm = family_lm
     cap, g = build(sae, tiny_lm, layers, "frozen-mlp")
     mode = "frozen-mlp"
     base = frozen_forward(sae, tiny_lm, cap, clean_sources(cap, mode), mode)
@@ -124,14 +148,14 @@ def test_frozen_mlp_every_edge_is_the_exact_difference(sae, tiny_lm, layers):
 
 @pytest.mark.parametrize("gated", [True, False])
 @pytest.mark.parametrize("layers", [(0, 1, 2, 3), (1, 3)])
-def test_jacobian_edges_equal_autograd_through_live_mlps(sae, tiny_lm, layers, gated,
+def test_jacobian_edges_equal_autograd_through_live_mlps(sae, family_lm, layers, gated,
                                                          monkeypatch):
     """jacobian: W[v, u] = value_u * d value_v / d value_u, by autograd through the LM's own
     forward (frozen patterns and norms, live MLPs), and by central differences; with the
     gated-MLP formula and with the autograd path any other MLP takes."""
     if not gated:
         monkeypatch.setattr(linear, "_is_gated", lambda mlp: False)
-    mode = "jacobian"
+    mode, tiny_lm = "jacobian", family_lm
     cap, g = build(sae, tiny_lm, layers, mode)
     assert not bool((g.kind == MLP).any())
     for blk in g.blocks:
@@ -181,10 +205,11 @@ def target_values_autograd(g, cap, out, nodes):
     return vals
 
 
-def test_frozen_mlp_incoming_edges_plus_bias_reproduce_each_value(sae, tiny_lm):
+def test_frozen_mlp_incoming_edges_plus_bias_reproduce_each_value(sae, family_lm):
     """sum of incoming edges + bias = the target's value: the latent's activation as the SAE
     encodes the clean resid_post (mlsae's own capture), the logit difference as the LM
     computes it."""
+    tiny_lm = family_lm
     cap, g = build(sae, tiny_lm, (0, 1, 2, 3), "frozen-mlp")
     resid = tiny_lm.resid_post(IDS, [0, 1, 2, 3])[:, 0]
     logits = tiny_lm.logits(IDS)[0, -1]

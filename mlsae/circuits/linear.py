@@ -19,7 +19,7 @@ the nodes, except the MLPs in `jacobian` mode. The module offers three views of 
 
 Supported: decoder blocks with `input_layernorm`, `self_attn.{q,k,v,o}_proj`,
 `post_attention_layernorm` and `mlp` and RMSNorms of the form `weight * x / rms(x)` (Llama,
-SmolLM, Mistral, Qwen2); anything else is one UserError.
+SmolLM, Mistral, Qwen2, Qwen3); anything else is one UserError.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def check_supported(lm: LanguageModel) -> None:
         if missing or extra:
             why = f"lacks {missing[0]}" if missing else f"has {extra[0]}"
             raise UserError(f"mlsae graph supports Llama-style blocks (Llama, SmolLM, "
-                            f"Mistral, Qwen2); {name}'s block {why}")
+                            f"Mistral, Qwen2, Qwen3); {name}'s block {why}")
         for norm in (b.input_layernorm, b.post_attention_layernorm):
             _check_norm(norm, name)
     _check_norm(lm.final_norm(), name)
