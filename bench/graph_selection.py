@@ -1,6 +1,6 @@
 """Which latents make a faithful circuit (issue 22)? Faithfulness of the top-n latents of each
-prompt under three rankings, all measured the same way (the real model, the latents outside
-the set mean-ablated, `mlsae.circuits.causal`):
+prompt under several rankings (below), all measured the same way (the real model, the
+latents outside the set mean-ablated, `mlsae.circuits.causal`):
 
 - influence: circuit-tracer's, gradient x activation through the linearised graph (the
   default pruning of `mlsae graph`);
@@ -79,7 +79,8 @@ def greedy(session, cap, g, means, direction, m_full: float, n: int, step: int =
 
 def by_position(g, lat, eff, n: int):
     """Latent node ids: n split over positions by summed |effect| (largest remainders),
-    each position's share by |effect|."""
+    each position's share by |effect| (fewer than n if a position holds fewer latents than
+    its share; the JSON's `chosen` records it)."""
     a = eff.abs()
     pos = g.pos[lat]
     tot = torch.zeros(int(pos.max()) + 1, dtype=torch.float64).index_add_(0, pos, a[lat])
@@ -95,17 +96,22 @@ def by_position(g, lat, eff, n: int):
 
 
 def by_chain(g, lat, eff, n: int):
-    """Latent node ids: whole (latent, position) pairs by summed |effect| while they fit."""
+    """Latent node ids: whole (latent, position) pairs in order of summed |effect|, a pair
+    that would overrun n skipped for the next that fits, until n are chosen (or none
+    fits: then fewer, which the JSON's `chosen` records)."""
     key = g.latent[lat] * (int(g.pos.max()) + 1) + g.pos[lat]
     uniq, inv = torch.unique(key, return_inverse=True)
     score = torch.zeros(len(uniq), dtype=torch.float64).index_add_(0, inv, eff[lat].abs())
-    out, count = [], 0
+    members = [[] for _ in range(len(uniq))]
+    for node, u in zip(lat.tolist(), inv.tolist()):
+        members[u].append(node)
+    out: list[int] = []
     for u in torch.argsort(score, descending=True).tolist():
-        at = lat[inv == u]
-        if count + len(at) <= n:
-            out.append(at)
-            count += len(at)
-    return torch.cat(out)
+        if len(out) + len(members[u]) <= n:
+            out += members[u]
+        if len(out) == n:
+            break
+    return torch.tensor(out, dtype=torch.long)
 
 
 def conditional(session, cap, g, means, direction, eff, n: int, rounds: int = 4,
@@ -136,11 +142,11 @@ def conditional(session, cap, g, means, direction, eff, n: int, rounds: int = 4,
     return keep.nonzero()[:, 0]
 
 
-def selections(session, means, cap, g, direction, m_full: float, eff, infl,
+def selections(session, means, cap, g, direction, m_full: float, m_empty: float, eff, infl,
                names: list[str], sizes: list[int]) -> dict[tuple[str, int], torch.Tensor]:
     """{(ranking, n): latent node ids} for each asked ranking and budget."""
     lat = (g.kind == LATENT).nonzero()[:, 0]
-    sign = 1.0 if float(eff[lat].sum()) >= 0 else -1.0  # towards m(clean) from m(empty)
+    sign = 1.0 if m_full >= m_empty else -1.0  # effects towards m(clean) from m(empty)
     orders = {}
     if "influence" in names:
         orders["influence"] = lat[torch.argsort(infl[lat], descending=True)]
@@ -197,20 +203,23 @@ def main() -> None:
         lat = (g.kind == LATENT).nonzero()[:, 0]
         infl = node_influence(g)
         eff, _ = integrated_effects(session.sae, session.lm, cap, g, means, args.effect_steps)
-        sets = selections(session, means, cap, g, direction, m_full, eff, infl, names,
-                          sizes)
-        runs = [_ablate_masks(g, cap, lat, session.sae.n_latents)]
+        m_empty = ablated_metrics(session.sae, session.lm, cap, means,
+                                  [_ablate_masks(g, cap, lat, session.sae.n_latents)],
+                                  direction)[0]
+        sets = selections(session, means, cap, g, direction, m_full, m_empty, eff, infl,
+                          names, sizes)
+        runs = []
         keys = list(sets)
         for chosen in sets.values():
             keep = torch.zeros(g.n_nodes, dtype=torch.bool)
             keep[chosen] = True
             runs.append(_ablate_masks(g, cap, lat[~keep[lat]], session.sae.n_latents))
         ms = ablated_metrics(session.sae, session.lm, cap, means, runs, direction)
-        m_empty = ms[0]
         faith = {f"{k[0]}@{k[1]}": (m - m_empty) / (m_full - m_empty)
-                 for k, m in zip(keys, ms[1:])}
+                 for k, m in zip(keys, ms)}
         rows.append({"prompt": text, "m_full": m_full, "m_empty": m_empty,
                      "latent_nodes": len(lat), "faithfulness": faith,
+                     "chosen": {f"{k[0]}@{k[1]}": len(v) for k, v in sets.items()},
                      "seconds": time.perf_counter() - t0})
         print(f"{text[-20:]!r}: m_full {m_full:.2f}, m_empty {m_empty:.2f}, "
               + ", ".join(f"{k} {v:.2f}" for k, v in faith.items()), flush=True)
