@@ -6,16 +6,20 @@ For each prompt and site, the site's latents are ranked by |effect| (`mlsae.circ
 and the site alone is ablated down to its top j (the rest of the site mean-ablated, every
 other site clean, `mlsae.circuits.causal`'s mean ablation on the real model). The site's
 need j* is the smallest j in NEEDS whose faithfulness is within [1 - TOL, 1 + TOL] (k: no
-proper subset is). The sum of j* over the sites is what the circuit costs if each site must
-be kept as well as it must be alone; the script then keeps exactly those per-site sets
-everywhere at once ("joint") and compares with the same number of latents by |effect|.
+proper subset is); TOL is a share of m(M) - m(empty), so a prompt with a small gap is held
+to a tighter metric tolerance. The sum of j* over the sites is what the circuit costs if
+each site must be kept as well as it must be alone; the script then keeps exactly those
+per-site sets everywhere at once ("joint"), compares with the same number of latents by
+|effect|, and ablates only the sites that need nothing (all others whole: do the small
+shifts those sites were allowed add up?).
 
-Prints per prompt: the last spliced layer's last-position site alone, F by how many of its
-latents are kept; the sites that need any latent, their needs by layer, the sum, and the
-two faithfulness figures; and the final layer's readout at the last position: sum |effect|
-of its latents against their net effect, and each latent mean-ablated alone (everything
-else clean) with the final RMSNorm's scale live and frozen at its clean value, which tells
-whether the latents' effects cancel through the norm or in their direct logit contributions.
+Prints per prompt: the sites that need any latent, their needs by layer, the sum and the
+three faithfulness figures; the last spliced layer's last-position site alone, F by how many
+of its latents are kept; and, when that layer is the model's last block, its readout: each
+active latent mean-ablated alone (everything else clean) with the final RMSNorm live and with
+its scale frozen at the clean value (then a drop is exactly the latent's direct logit
+contribution), as sums of |drop| and signed sums, and the whole site ablated at once, live
+and frozen.
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/circuit_sites.py runs/default-150k \\
         --prompts bench/circuit_prompts.txt
@@ -54,37 +58,54 @@ def site_ranks(g, lat, eff):
 
 
 @torch.no_grad()
-def readout_ablations(sae, lm, cap, means, direction) -> tuple[torch.Tensor, torch.Tensor]:
-    """`[k]` each: the metric's drop when one latent of the last block's code at the last
-    position is mean-ablated alone, with the final RMSNorm (weight * r / rms(r)) live and
-    with its rms frozen at the clean value."""
+def readout(sae, lm, cap, means, direction) -> dict | None:
+    """The last block's site at the last position (the residual the unembedding reads):
+    each active latent mean-ablated alone, the metric's drop with the final RMSNorm
+    (weight * r / rms(r)) live and with its rms frozen at the clean value (then the drop is
+    exactly the latent's direct contribution: the metric is linear in r), their sums of
+    |.| and signed sums; and the whole site ablated at once, live and frozen. None if the
+    last position is excluded from the code."""
     v = len(lm.blocks) - 1
     lc = cap.codes[v]
+    if not bool(lc.inc[-1]):
+        return None
     acts, idx = lc.code.acts[-1:], lc.code.idx[-1:]
     mu, std = lc.code.mu[-1:], lc.code.std[-1:]
+    mean = torch.where(acts > 0, means[cap.layers.index(v)][idx], acts)  # inactive: as is
     norm = lm.final_norm()
     head = lm.model.get_output_embeddings().weight.float().T @ direction.float()  # [d]
     w = norm.weight.float()
+    r0 = lc.x[-1:].float()
 
     def rms(r):
         return (r.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon).sqrt()
 
-    r0 = lc.x[-1:].float()
+    def drops(a):  # (live, frozen) drop of the metric when the code's acts become `a`
+        r = r0 + sae.decode(SparseCode(a, idx, mu, std)) - base
+        m_live, m_frozen = (float((w * r / z) @ head) for z in (rms(r), rms(r0)))
+        return m0 - m_live, m0 - m_frozen
+
     base = sae.decode(SparseCode(acts, idx, mu, std))
     m0 = float((w * r0 / rms(r0)) @ head)
     live, fixed = [], []
-    for s in range(acts.shape[1]):
+    for slot in (acts[0] > 0).nonzero()[:, 0].tolist():
         a = acts.clone()
-        a[0, s] = means[cap.layers.index(v)][idx[0, s]]
-        r = r0 + sae.decode(SparseCode(a, idx, mu, std)) - base
-        live.append(m0 - float((w * r / rms(r)) @ head))
-        fixed.append(m0 - float((w * r / rms(r0)) @ head))
-    return torch.tensor(live), torch.tensor(fixed)
+        a[0, slot] = mean[0, slot]
+        d_live, d_fixed = drops(a)
+        live.append(d_live)
+        fixed.append(d_fixed)
+    live, fixed = torch.tensor(live), torch.tensor(fixed)
+    site_live, site_fixed = drops(mean)
+    return {"latents": len(live), "alone_sum_abs": float(live.abs().sum()),
+            "alone_net": float(live.sum()), "direct_sum_abs": float(fixed.abs().sum()),
+            "direct_net": float(fixed.sum()), "site_drop": site_live,
+            "site_drop_norm_frozen": site_fixed}
 
 
-def site_needs(sae, lm, cap, g, means, direction, m_full, lat, eff):
-    """Each site's need j* (module docstring), F of the union of the needs kept together,
-    F of the same number of latents by |effect|, m(empty), and {j: F} of the last spliced
+def site_needs(sae, lm, cap, g, means, direction, m_full, lat, eff) -> dict:
+    """Each site's need j* (module docstring); F of the union of the needs kept together
+    ("joint"), of the same number of latents by |effect|, and with only the sites that need
+    nothing ablated (every other site kept whole); m(empty); and {j: F} of the last spliced
     layer's last-position site alone kept to its top j."""
     rank, sites = site_ranks(g, lat, eff)
 
@@ -105,7 +126,7 @@ def site_needs(sae, lm, cap, g, means, direction, m_full, lat, eff):
         _, fs = faith([keep_top(k, j) for k in todo])
         for k, f in zip(todo, fs):
             if abs(f - 1.0) <= TOL:
-                need[k] = j
+                need[k] = min(j, len(sites[k]))
         todo = [k for k in todo if need[k] is None]
     for k in todo:
         need[k] = len(sites[k])
@@ -115,11 +136,15 @@ def site_needs(sae, lm, cap, g, means, direction, m_full, lat, eff):
         keep[at[rank[at] < j]] = True
     top = torch.zeros(g.n_nodes, dtype=torch.bool)
     top[lat[torch.argsort(eff[lat].abs(), descending=True)][:int(keep.sum())]] = True
-    m_empty, (f_joint, f_eff) = faith([_ablate_masks(g, cap, lat[~keep[lat]], sae.n_latents),
-                                       _ablate_masks(g, cap, lat[~top[lat]], sae.n_latents)])
+    idle = torch.cat([sites[k] for k, j in need.items() if j == 0] or [lat[:0]])
     last = (max(cap.layers), cap.n_pos - 1)
-    _, curve = faith([keep_top(last, j) for j in NEEDS])  # the readout site alone
-    return need, sites, f_joint, f_eff, m_empty, dict(zip(NEEDS, curve))
+    m_empty, fs = faith([_ablate_masks(g, cap, lat[~keep[lat]], sae.n_latents),
+                         _ablate_masks(g, cap, lat[~top[lat]], sae.n_latents),
+                         _ablate_masks(g, cap, idle, sae.n_latents)]
+                        + [keep_top(last, j) for j in NEEDS])  # the readout site alone
+    return {"need": need, "sites": sites, "last": last, "m_empty": m_empty,
+            "f_joint": fs[0], "f_same_n": fs[1], "f_idle_ablated": fs[2],
+            "curve": dict(zip(NEEDS, fs[3:]))}
 
 
 def measure(session, means, text: str, tgt: str, con: str, steps: int) -> dict:
@@ -132,27 +157,24 @@ def measure(session, means, text: str, tgt: str, con: str, steps: int) -> dict:
     m_full = float(cap.logits[-1] @ direction)
     lat = (g.kind == LATENT).nonzero()[:, 0]
     eff, _ = integrated_effects(sae, lm, cap, g, means, steps)
-    need, sites, f_joint, f_eff, m_empty, curve = site_needs(sae, lm, cap, g, means, direction,
-                                                      m_full, lat, eff)
-    last_v, last_p = max(session.layers), cap.n_pos - 1
-    readout = sites[(last_v, last_p)]
-    live = fixed = None
-    if last_v == len(lm.blocks) - 1:
-        live, fixed = readout_ablations(sae, lm, cap, means, direction)
+    sn = site_needs(sae, lm, cap, g, means, direction, m_full, lat, eff)
+    need, (last_v, last_p) = sn["need"], sn["last"]
+    at_readout = sn["sites"][sn["last"]]
     per_layer = {}
     for (v, _), j in need.items():
         per_layer[v] = per_layer.get(v, 0) + j
-    return {"prompt": text, "m_full": m_full, "m_empty": m_empty, "sites": len(sites),
-            "sites_needing_latents": sum(j > 0 for j in need.values()),
+    return {"prompt": text, "m_full": m_full, "m_empty": sn["m_empty"],
+            "sites": len(need), "sites_needing_latents": sum(j > 0 for j in need.values()),
             "nodes_needed": sum(need.values()), "need_by_layer": per_layer,
             "need_last_position": sum(j for (_, q), j in need.items() if q == last_p),
-            "faithfulness_joint": f_joint, "faithfulness_same_n_by_effect": f_eff,
-            "readout_sum_abs_effect": float(eff[readout].abs().sum()),
-            "readout_net_effect": float(eff[readout].sum()),
-            "readout_alone_curve": curve,
-            "readout_alone_sum_abs": None if live is None else float(live.abs().sum()),
-            "readout_alone_sum_abs_norm_frozen": None if fixed is None
-            else float(fixed.abs().sum()),
+            "need_readout_site": need[sn["last"]],
+            "faithfulness_joint": sn["f_joint"], "faithfulness_same_n_by_effect":
+            sn["f_same_n"], "faithfulness_only_idle_sites_ablated": sn["f_idle_ablated"],
+            "readout_sum_abs_effect": float(eff[at_readout].abs().sum()),
+            "readout_net_effect": float(eff[at_readout].sum()),
+            "readout_alone_curve": sn["curve"],
+            "readout": readout(sae, lm, cap, means, direction)
+            if last_v == len(lm.blocks) - 1 else None,
             "seconds": time.perf_counter() - t0}
 
 
@@ -172,14 +194,20 @@ def main() -> None:
         text, tgt, con = [x.replace("\\n", "\n") for x in line.split("\t")]
         row = measure(session, means, text, tgt, con, args.effect_steps)
         rows.append(row)
-        alone = ("" if row["readout_alone_sum_abs"] is None else
-                 f" (one at a time: sum|drop| {row['readout_alone_sum_abs']:.2f}, norm frozen "
-                 f"{row['readout_alone_sum_abs_norm_frozen']:.2f})")
+        ro = row["readout"]
+        alone = ("" if ro is None else
+                 f"; one at a time: sum|drop| {ro['alone_sum_abs']:.2f} (net "
+                 f"{ro['alone_net']:+.2f}), direct (norm frozen) sum|.| "
+                 f"{ro['direct_sum_abs']:.2f} (net {ro['direct_net']:+.2f}); whole site "
+                 f"ablated: drop {ro['site_drop']:+.2f}, norm frozen "
+                 f"{ro['site_drop_norm_frozen']:+.2f}")
         print(f"{text[-24:]!r}: m_full {row['m_full']:.2f} m_empty {row['m_empty']:.2f}; "
               f"{row['sites_needing_latents']}/{row['sites']} sites need latents, "
               f"{row['nodes_needed']} nodes ({row['need_last_position']} at the last "
               f"position); F joint {row['faithfulness_joint']:.2f}, F same n by effect "
-              f"{row['faithfulness_same_n_by_effect']:.2f}; final-layer readout sum|effect| "
+              f"{row['faithfulness_same_n_by_effect']:.2f}, F only idle sites ablated "
+              f"{row['faithfulness_only_idle_sites_ablated']:.2f}; final-layer readout "
+              f"(needs {row['need_readout_site']}) sum|effect| "
               f"{row['readout_sum_abs_effect']:.2f} net {row['readout_net_effect']:+.2f}"
               f"{alone}; {row['seconds']:.0f} s", flush=True)
         print("   last layer, last position alone, F by latents kept: " + " ".join(
