@@ -37,7 +37,9 @@ Cost per batch: one forward up to the last needed layer captures every layer; th
 hidden states come from continuing after it with its own resid_post (bit-identical to a full
 forward, see `LanguageModel.logits_from`); then per layer the continuations of the splices
 (recon and ablation), up to CONT_ITEMS of them run as one batch of several x batch sequences
-(10-35% faster on CPU than one at a time), each stopping at the last block's resid_post. The
+(no faster on 2 CPU cores: neutral at 2 x 256-token sequences, 19% slower per item at 8;
+kept for accelerators, where it was not measured), each stopping at the last block's
+resid_post. The
 final norm and unembedding run afterwards on CHUNK_BYTES worth of positions at a time, and
 each chunk's clean log-probs serve every splice: no `[positions, vocab]` tensor exists, so
 memory is bounded by the batch and the chunk, not by vocabulary x positions. Sums stream in
