@@ -39,9 +39,9 @@ forward, see `LanguageModel.logits_from`); then per layer the continuations of t
 (recon and ablation), up to CONT_ITEMS of them run as one batch of several x batch sequences
 (no faster on 2 CPU cores: neutral at 2 x 256-token sequences, 19% slower per item at 8;
 kept for accelerators, where it was not measured), each stopping at the last block's
-resid_post. The
-final norm and unembedding run afterwards on CHUNK_BYTES worth of positions at a time, and
-each chunk's clean log-probs serve every splice: no `[positions, vocab]` tensor exists, so
+resid_post. The final norm and unembedding run afterwards on CHUNK_BYTES worth of positions
+at a time, and each chunk's clean log-probs serve every splice: no `[positions, vocab]`
+tensor exists, so
 memory is bounded by the batch and the chunk, not by vocabulary x positions. Sums stream in
 float64: memory is bounded by the batch, not by --tokens.
 

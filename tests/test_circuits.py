@@ -59,7 +59,7 @@ FAMILIES = ["llama", "qwen2", "qwen3", "mistral"]
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
-def family_lm(request, tiny_lm):
+def lm(request, tiny_lm):
     """A tiny random LM of each Llama-style family `mlsae graph` linearises: Llama, Qwen2
     with non-zero q/k/v biases (HF initialises them to 0), Qwen3 (RMSNorms on queries and
     keys), Mistral."""
@@ -122,13 +122,12 @@ def node_handle(g, cap, src, node):
 
 
 @pytest.mark.parametrize("layers", [(0, 1, 2, 3), (1, 3)])
-def test_frozen_mlp_every_edge_is_the_exact_difference(sae, family_lm, layers):
+def test_frozen_mlp_every_edge_is_the_exact_difference(sae, lm, layers):
     """frozen-mlp: zeroing source u in the LM's own frozen forward moves each target by
     exactly -W[target, u], for every edge of the graph (non-adjacent layers included)."""
-    tiny_lm = family_lm
-    cap, g = build(sae, tiny_lm, layers, "frozen-mlp")
+    cap, g = build(sae, lm, layers, "frozen-mlp")
     mode = "frozen-mlp"
-    base = frozen_forward(sae, tiny_lm, cap, clean_sources(cap, mode), mode)
+    base = frozen_forward(sae, lm, cap, clean_sources(cap, mode), mode)
     checked = 0
     for blk in g.blocks:
         want_base = target_values(g, cap, base, blk.tgt)
@@ -136,7 +135,7 @@ def test_frozen_mlp_every_edge_is_the_exact_difference(sae, family_lm, layers):
             src = clean_sources(cap, mode)
             t, i = node_handle(g, cap, src, u)
             t[i] = 0.0
-            out = frozen_forward(sae, tiny_lm, cap, src, mode)
+            out = frozen_forward(sae, lm, cap, src, mode)
             got = want_base - target_values(g, cap, out, blk.tgt)
             scale = max(1.0, float(blk.W.abs().max()))
             assert torch.allclose(got, blk.W[:, c], atol=2e-5 * scale, rtol=1e-4), (u, c)
@@ -148,15 +147,15 @@ def test_frozen_mlp_every_edge_is_the_exact_difference(sae, family_lm, layers):
 
 @pytest.mark.parametrize("gated", [True, False])
 @pytest.mark.parametrize("layers", [(0, 1, 2, 3), (1, 3)])
-def test_jacobian_edges_equal_autograd_through_live_mlps(sae, family_lm, layers, gated,
+def test_jacobian_edges_equal_autograd_through_live_mlps(sae, lm, layers, gated,
                                                          monkeypatch):
     """jacobian: W[v, u] = value_u * d value_v / d value_u, by autograd through the LM's own
     forward (frozen patterns and norms, live MLPs), and by central differences; with the
     gated-MLP formula and with the autograd path any other MLP takes."""
     if not gated:
         monkeypatch.setattr(linear, "_is_gated", lambda mlp: False)
-    mode, tiny_lm = "jacobian", family_lm
-    cap, g = build(sae, tiny_lm, layers, mode)
+    mode = "jacobian"
+    cap, g = build(sae, lm, layers, mode)
     assert not bool((g.kind == MLP).any())
     for blk in g.blocks:
         src = clean_sources(cap, mode)
@@ -165,7 +164,7 @@ def test_jacobian_edges_equal_autograd_through_live_mlps(sae, family_lm, layers,
             [src.exc[v] for v in cap.layers]
         for t in leaves:
             t.requires_grad_(True)
-        out = frozen_forward(sae, tiny_lm, cap, src, mode)
+        out = frozen_forward(sae, lm, cap, src, mode)
         vals = target_values_autograd(g, cap, out, blk.tgt)
         for r in range(len(blk.tgt)):
             grads = torch.autograd.grad(vals[r], leaves, retain_graph=True, allow_unused=True)
@@ -185,7 +184,7 @@ def test_jacobian_edges_equal_autograd_through_live_mlps(sae, family_lm, layers,
             src = clean_sources(cap, mode)
             t, i = node_handle(g, cap, src, u)
             t[i] = t[i] * (1 + eps)
-            out = frozen_forward(sae, tiny_lm, cap, src, mode)
+            out = frozen_forward(sae, lm, cap, src, mode)
             vals.append(float(target_values(g, cap, out, blk.tgt)[0]))
         fd = (vals[0] - vals[1]) / 2e-2
         assert abs(fd - float(blk.W[0, c])) <= 2e-3 * max(1.0, abs(fd)), (u, fd)
@@ -205,14 +204,13 @@ def target_values_autograd(g, cap, out, nodes):
     return vals
 
 
-def test_frozen_mlp_incoming_edges_plus_bias_reproduce_each_value(sae, family_lm):
+def test_frozen_mlp_incoming_edges_plus_bias_reproduce_each_value(sae, lm):
     """sum of incoming edges + bias = the target's value: the latent's activation as the SAE
     encodes the clean resid_post (mlsae's own capture), the logit difference as the LM
     computes it."""
-    tiny_lm = family_lm
-    cap, g = build(sae, tiny_lm, (0, 1, 2, 3), "frozen-mlp")
-    resid = tiny_lm.resid_post(IDS, [0, 1, 2, 3])[:, 0]
-    logits = tiny_lm.logits(IDS)[0, -1]
+    cap, g = build(sae, lm, (0, 1, 2, 3), "frozen-mlp")
+    resid = lm.resid_post(IDS, [0, 1, 2, 3])[:, 0]
+    logits = lm.logits(IDS)[0, -1]
     for blk in g.blocks:
         got = blk.W.double().sum(1) + g.bias[blk.tgt].double()
         for r, t in enumerate(blk.tgt.tolist()):
