@@ -41,9 +41,8 @@ forward, see `LanguageModel.logits_from`); then per layer the continuations of t
 kept for accelerators, where it was not measured), each stopping at the last block's
 resid_post. The final norm and unembedding run afterwards on CHUNK_BYTES worth of positions
 at a time, and each chunk's clean log-probs serve every splice: no `[positions, vocab]`
-tensor exists, so
-memory is bounded by the batch and the chunk, not by vocabulary x positions. Sums stream in
-float64: memory is bounded by the batch, not by --tokens.
+tensor exists, so memory is bounded by the batch and the chunk, not by vocabulary x
+positions. Sums stream in float64: memory is bounded by the batch, not by --tokens.
 
 Several checkpoints (`evaluate_many`, `mlsae eval A B C`, a sweep or baselines folder). What
 does not depend on the SAE is computed once per batch for all of them: the forward (to the
