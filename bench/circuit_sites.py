@@ -33,12 +33,11 @@ import statistics
 import time
 
 import torch
+from graph_selection import prepare  # this folder's: one prompt's graph and effects
 
-from mlsae.circuits.attribution import LATENT, attribute
 from mlsae.circuits.causal import _ablate_masks, ablated_metrics
-from mlsae.circuits.command import GraphConfig, GraphSession, make_target, tokenize
-from mlsae.circuits.effects import integrated_effects
-from mlsae.circuits.linear import capture
+from mlsae.circuits.command import GraphConfig, GraphSession, read_prompts
+from mlsae.circuits.linear import _inv_rms
 from mlsae.sae import SparseCode
 
 NEEDS = (0, 1, 2, 4, 8, 16, 24, 28, 31)
@@ -77,8 +76,8 @@ def readout(sae, lm, cap, means, direction) -> dict | None:
     w = norm.weight.float()
     r0 = lc.x[-1:].float()
 
-    def rms(r):
-        return (r.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon).sqrt()
+    def rms(r):  # as the final norm computes it
+        return 1.0 / _inv_rms(norm, r)
 
     def drops(a):  # (live, frozen) drop of the metric when the code's acts become `a`
         r = r0 + sae.decode(SparseCode(a, idx, mu, std)) - base
@@ -147,16 +146,11 @@ def site_needs(sae, lm, cap, g, means, direction, m_full, lat, eff) -> dict:
             "curve": dict(zip(NEEDS, fs[3:]))}
 
 
-def measure(session, means, text: str, tgt: str, con: str, steps: int) -> dict:
+def measure(session: GraphSession, means, text: str, tgt: str | None, con: str | None,
+            steps: int) -> dict:
     sae, lm = session.sae, session.lm
     t0 = time.perf_counter()
-    cap = capture(sae, lm, tokenize(lm, text, session.limit), session.layers, session.data_cfg)
-    target = make_target(lm, cap.logits[-1], session.cfg, tgt, con)
-    g = attribute(sae, lm, cap, target, "jacobian", text)
-    direction = target.direction(cap.logits.shape[-1])
-    m_full = float(cap.logits[-1] @ direction)
-    lat = (g.kind == LATENT).nonzero()[:, 0]
-    eff, _ = integrated_effects(sae, lm, cap, g, means, steps)
+    cap, g, direction, m_full, lat, eff = prepare(session, means, text, tgt, con, steps)
     sn = site_needs(sae, lm, cap, g, means, direction, m_full, lat, eff)
     need, (last_v, last_p) = sn["need"], sn["last"]
     at_readout = sn["sites"][sn["last"]]
@@ -188,10 +182,7 @@ def main() -> None:
     session = GraphSession(args.run, GraphConfig(metric="logit-diff"))
     means, _ = session.means()
     rows = []
-    for line in open(args.prompts).read().splitlines():
-        if not line.strip():
-            continue
-        text, tgt, con = [x.replace("\\n", "\n") for x in line.split("\t")]
+    for text, tgt, con in read_prompts(args.prompts):
         row = measure(session, means, text, tgt, con, args.effect_steps)
         rows.append(row)
         ro = row["readout"]

@@ -38,12 +38,11 @@ import time
 
 import torch
 
-from mlsae.circuits.attribution import LATENT, attribute
+from mlsae.circuits.attribution import LATENT
 from mlsae.circuits.causal import _ablate_masks, ablated_metrics
-from mlsae.circuits.command import GraphConfig, GraphSession, make_target, tokenize
+from mlsae.circuits.command import GraphConfig, GraphSession, read_prompts
 from mlsae.circuits.effects import integrated_effects, latent_slots, path_point
 from mlsae.circuits.influence import node_influence
-from mlsae.circuits.linear import capture
 
 SIZES = (20, 50, 100, 200)
 RANKINGS = ("influence", "effect", "greedy", "positive", "position", "chain", "conditional")
@@ -170,6 +169,17 @@ def selections(session, means, cap, g, direction, m_full: float, m_empty: float,
     return sets
 
 
+def prepare(session: GraphSession, means, text: str, tgt: str | None, con: str | None,
+            steps: int):
+    """One prompt's capture, jacobian graph, metric direction, m(M), latent node ids and
+    their integrated-gradient effects (`steps` points)."""
+    cap, g = session.trace(text, tgt, con)
+    direction = g.target.direction(cap.logits.shape[-1])
+    lat = (g.kind == LATENT).nonzero()[:, 0]
+    eff, _ = integrated_effects(session.sae, session.lm, cap, g, means, steps)
+    return cap, g, direction, float(cap.logits[-1] @ direction), lat, eff
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("run")
@@ -189,20 +199,11 @@ def main() -> None:
     session = GraphSession(args.run, GraphConfig(metric="logit-diff"))
     means, _ = session.means()
     rows = []
-    for line in open(args.prompts).read().splitlines():
-        if not line.strip():
-            continue
-        text, tgt, con = [x.replace("\\n", "\n") for x in line.split("\t")]
+    for text, tgt, con in read_prompts(args.prompts):
         t0 = time.perf_counter()
-        cap = capture(session.sae, session.lm, tokenize(session.lm, text, session.limit),
-                      session.layers, session.data_cfg)
-        target = make_target(session.lm, cap.logits[-1], session.cfg, tgt, con)
-        g = attribute(session.sae, session.lm, cap, target, "jacobian", text)
-        direction = target.direction(cap.logits.shape[-1])
-        m_full = float(cap.logits[-1] @ direction)
-        lat = (g.kind == LATENT).nonzero()[:, 0]
+        cap, g, direction, m_full, lat, eff = prepare(session, means, text, tgt, con,
+                                                      args.effect_steps)
         infl = node_influence(g)
-        eff, _ = integrated_effects(session.sae, session.lm, cap, g, means, args.effect_steps)
         m_empty = ablated_metrics(session.sae, session.lm, cap, means,
                                   [_ablate_masks(g, cap, lat, session.sae.n_latents)],
                                   direction)[0]

@@ -24,7 +24,7 @@ from mlsae.circuits.causal import causal_checks, exactness, latent_means
 from mlsae.circuits.effects import integrated_effects
 from mlsae.circuits.graphio import add_graph_metadata, graph_json, write_json
 from mlsae.circuits.influence import prune
-from mlsae.circuits.linear import MODES, capture, check_supported
+from mlsae.circuits.linear import MODES, Capture, capture, check_supported
 from mlsae.errors import UserError
 from mlsae.lm import LanguageModel, max_positions
 from mlsae.options import TextOptions, add_dataclass_options, build_config
@@ -188,16 +188,22 @@ class GraphSession:
             self._means = (m, info)
         return self._means
 
+    def trace(self, prompt: str, target: str | None = None, contrast: str | None = None,
+              progress: bool = False) -> tuple[Capture, Graph]:
+        """One prompt's clean capture and its whole (unpruned, unchecked) graph."""
+        cap = capture(self.sae, self.lm, tokenize(self.lm, prompt, self.limit), self.layers,
+                      self.data_cfg)
+        tgt = make_target(self.lm, cap.logits[-1], self.cfg, target if target is not None
+                          else self.cfg.target, contrast)
+        return cap, attribute(self.sae, self.lm, cap, tgt, self.cfg.mode, prompt,
+                              progress=progress)
+
     def build(self, prompt: str, target: str | None = None, progress: bool = False,
               contrast: str | None = None, causal: bool = True) -> tuple[Graph, dict]:
         """The graph of one prompt and its JSON (pruned, with the checks)."""
         cfg = self.cfg
-        ids = tokenize(self.lm, prompt, self.limit)
         t0 = time.perf_counter()
-        cap = capture(self.sae, self.lm, ids, self.layers, self.data_cfg)
-        tgt = make_target(self.lm, cap.logits[-1], cfg, target if target is not None
-                          else cfg.target, contrast)
-        g = attribute(self.sae, self.lm, cap, tgt, cfg.mode, prompt, progress=progress)
+        cap, g = self.trace(prompt, target, contrast, progress=progress)
         t1 = time.perf_counter()
         effects = effect_info = chosen = None
         if cfg.effect_steps > 0 and (causal or cfg.select == "effect"):
@@ -248,23 +254,29 @@ def _slug(prompt: str) -> str:
     return s
 
 
+def read_prompts(path: str | Path) -> list[tuple[str, str | None, str | None]]:
+    """(prompt, target, contrast) per non-empty line of a --prompts file
+    (`prompt[<TAB>target[<TAB>contrast]]`, `\\n` a newline)."""
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"--prompts {str(path)!r}: no such file")
+    lines = []
+    for line in file.read_text().splitlines():
+        if line.strip():
+            parts = [p.replace("\\n", "\n") for p in line.split("\t")] + [None, None]
+            lines.append((parts[0], parts[1] or None, parts[2] or None))
+    if not lines:
+        raise UserError(f"--prompts {str(path)!r} holds no prompt")
+    return lines
+
+
 def graph(run: str | Path, cfg: GraphConfig, lm: LanguageModel | None = None,
           sae: MLSAE | None = None, progress: bool = True) -> dict:
     """Build, check and write the graph of `cfg.prompt` (or of every line of
     `cfg.prompts`); returns the JSON written (or, for --prompts, the summary)."""
     if (cfg.prompt is None) == (cfg.prompts is None):
         raise UserError("give --prompt TEXT or --prompts FILE (one of them)")
-    lines: list[tuple[str, str | None, str | None]] = []
-    if cfg.prompts is not None:
-        path = Path(cfg.prompts)
-        if not path.is_file():
-            raise UserError(f"--prompts {cfg.prompts!r}: no such file")
-        for line in path.read_text().splitlines():
-            if line.strip():
-                parts = [p.replace("\\n", "\n") for p in line.split("\t")] + [None, None]
-                lines.append((parts[0], parts[1] or None, parts[2] or None))
-        if not lines:
-            raise UserError(f"--prompts {cfg.prompts!r} holds no prompt")
+    lines = read_prompts(cfg.prompts) if cfg.prompts is not None else []
     session = GraphSession(run, cfg, lm, sae)
     if cfg.prompt is not None:
         _, data = session.build(cfg.prompt, progress=progress)
